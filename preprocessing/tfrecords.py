@@ -1,0 +1,178 @@
+"""The TFRecord contract shared by every stage (docs/contracts.md, section 2).
+
+This module is the one place that knows the feature keys, how a record is
+built, how it is parsed, and how an encoded image becomes the float tensor a
+model sees. The preprocessing job writes records with :func:`serialize_example`;
+the trainer reads them with :func:`parse_example` and :func:`decode_and_resize`;
+the exported serving graph calls :func:`decode_and_resize` on raw request
+bytes. Training and serving therefore decode and resize with the same ops.
+
+TensorFlow is imported lazily so that CLIs answer ``--help`` quickly and Beam
+workers that only build records do not pay for it until they need it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import tensorflow as tf
+
+# Feature keys (the conventions of TensorFlow's model garden).
+ENCODED = "image/encoded"
+FORMAT = "image/format"
+HEIGHT = "image/height"
+WIDTH = "image/width"
+LABEL = "image/class/label"
+TEXT = "image/class/text"
+SOURCE_ID = "image/source_id"
+SHA256 = "image/key/sha256"
+
+SPLITS = ("train", "validation", "test")
+RESIZE_MODES = ("stretch", "pad", "crop")
+IMAGE_FORMATS = ("jpeg", "png")
+
+LABELS_FILE = "labels.txt"
+STATS_FILE = "stats.json"
+ERRORS_FILE = "errors.jsonl"
+SHARD_SUFFIX = ".tfrecord"
+
+
+def shard_pattern(split: str) -> str:
+    """Glob of a split's shards: ``{split}-NNNNN-of-NNNNN.tfrecord``."""
+    return f"{split}-?????-of-?????{SHARD_SUFFIX}"
+
+
+def serialize_example(
+    *,
+    encoded: bytes,
+    image_format: str,
+    height: int,
+    width: int,
+    label: int,
+    text: str,
+    source_id: str,
+    sha256: str,
+) -> bytes:
+    """One image as a serialized ``tf.train.Example`` with the contract's keys."""
+    from tensorflow.core.example import example_pb2, feature_pb2
+
+    def _bytes(value: bytes) -> feature_pb2.Feature:
+        return feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[value]))
+
+    def _int(value: int) -> feature_pb2.Feature:
+        return feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[int(value)]))
+
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    features = {
+        ENCODED: _bytes(encoded),
+        FORMAT: _bytes(image_format.encode()),
+        HEIGHT: _int(height),
+        WIDTH: _int(width),
+        LABEL: _int(label),
+        TEXT: _bytes(text.encode("utf-8")),
+        SOURCE_ID: _bytes(source_id.encode("utf-8")),
+        SHA256: _bytes(sha256.encode("ascii")),
+    }
+    example = example_pb2.Example(features=feature_pb2.Features(feature=features))
+    return example.SerializeToString()
+
+
+def feature_spec() -> dict:
+    """The ``tf.io.parse_*example`` spec of every contract key."""
+    import tensorflow as tf
+
+    return {
+        ENCODED: tf.io.FixedLenFeature([], tf.string),
+        FORMAT: tf.io.FixedLenFeature([], tf.string, default_value="jpeg"),
+        HEIGHT: tf.io.FixedLenFeature([], tf.int64),
+        WIDTH: tf.io.FixedLenFeature([], tf.int64),
+        LABEL: tf.io.FixedLenFeature([], tf.int64),
+        TEXT: tf.io.FixedLenFeature([], tf.string, default_value=""),
+        SOURCE_ID: tf.io.FixedLenFeature([], tf.string, default_value=""),
+        SHA256: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    }
+
+
+def parse_example(serialized: "tf.Tensor") -> dict:
+    """Parse one serialized record (scalar string tensor) into a dict of tensors."""
+    import tensorflow as tf
+
+    return tf.io.parse_single_example(serialized, feature_spec())
+
+
+def decode_image(encoded: "tf.Tensor") -> "tf.Tensor":
+    """Encoded JPEG/PNG/GIF/BMP bytes (scalar string) to a uint8 ``[h, w, 3]`` tensor.
+
+    Grayscale and alpha images come out as 3-channel RGB; an animated GIF gives
+    its first frame.
+    """
+    import tensorflow as tf
+
+    image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def resize_image(image: "tf.Tensor", size: Sequence[int], mode: str = "stretch") -> "tf.Tensor":
+    """Resize a ``[h, w, 3]`` image to ``size = (height, width)`` as float32 in [0, 255].
+
+    ``stretch`` ignores the aspect ratio; ``pad`` keeps it and pads with black
+    (``tf.image.resize_with_pad``); ``crop`` keeps it and takes the largest
+    central crop of the target aspect ratio. Resampling is bilinear with
+    antialiasing, which is what Pillow's resize does closest to.
+    """
+    import tensorflow as tf
+
+    height, width = int(size[0]), int(size[1])
+    image = tf.cast(image, tf.float32)
+    if mode == "stretch":
+        out = tf.image.resize(image, [height, width], method="bilinear", antialias=True)
+    elif mode == "pad":
+        out = tf.image.resize_with_pad(image, height, width, method="bilinear", antialias=True)
+    elif mode == "crop":
+        shape = tf.shape(image)
+        in_h = tf.cast(shape[0], tf.float32)
+        in_w = tf.cast(shape[1], tf.float32)
+        target_aspect = width / height
+        crop_w = tf.minimum(in_w, in_h * target_aspect)
+        crop_h = tf.minimum(in_h, in_w / target_aspect)
+        crop_w_i = tf.maximum(tf.cast(tf.round(crop_w), tf.int32), 1)
+        crop_h_i = tf.maximum(tf.cast(tf.round(crop_h), tf.int32), 1)
+        off_h = (shape[0] - crop_h_i) // 2
+        off_w = (shape[1] - crop_w_i) // 2
+        cropped = tf.image.crop_to_bounding_box(image, off_h, off_w, crop_h_i, crop_w_i)
+        out = tf.image.resize(cropped, [height, width], method="bilinear", antialias=True)
+    else:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    out = tf.clip_by_value(out, 0.0, 255.0)
+    out.set_shape([height, width, 3])
+    return out
+
+
+def decode_and_resize(encoded: "tf.Tensor", size: Sequence[int], mode: str = "stretch") -> "tf.Tensor":
+    """Encoded bytes to a float32 ``[height, width, 3]`` image in [0, 255].
+
+    The one function both the trainer's input pipeline and the exported serving
+    signature call, so a model sees the same pixels in training and in serving.
+    """
+    return resize_image(decode_image(encoded), size, mode)
+
+
+def read_labels(data_dir: str) -> list[str]:
+    """Class names from ``DATA/labels.txt``; line index is the class id."""
+    import tensorflow as tf
+
+    path = os.path.join(data_dir, LABELS_FILE)
+    with tf.io.gfile.GFile(path, "r") as handle:
+        labels = [line.strip() for line in handle.read().splitlines()]
+    return [label for label in labels if label]
+
+
+def list_shards(data_dir: str, split: str) -> list[str]:
+    """Sorted shard paths of one split under ``data_dir`` (any TF filesystem)."""
+    import tensorflow as tf
+
+    return sorted(tf.io.gfile.glob(os.path.join(data_dir, shard_pattern(split))))
