@@ -1,0 +1,83 @@
+"""Shared pieces for the export and serving tests: a tiny trained classifier,
+the test split's encoded images, and a session-wide exported model.
+
+Import the fixtures into a test module with
+``from serving_fixtures import tiny_model, split_images, exported_base  # noqa: F401``.
+The model is a few layers on 32x32 inputs trained for a few steps on the
+``tfrecord_data`` fixture so that its predictions are not uniform.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+IMAGE_SIZE = (32, 32)
+
+
+def read_split(data_dir: pathlib.Path, split: str) -> tuple[list[bytes], list[int]]:
+    """Encoded images and label ids of one split of a contract data folder."""
+    import tensorflow as tf
+
+    from preprocessing import tfrecords
+
+    images, labels = [], []
+    for shard in tfrecords.list_shards(str(data_dir), split):
+        for record in tf.data.TFRecordDataset(shard):
+            parsed = tfrecords.parse_example(record)
+            images.append(parsed[tfrecords.ENCODED].numpy())
+            labels.append(int(parsed[tfrecords.LABEL].numpy()))
+    return images, labels
+
+
+def build_tiny_model(data_dir: pathlib.Path, *, seed: int = 0, steps: int = 30):
+    """A small softmax classifier (float32 [N,32,32,3] in [0,255]) fitted briefly on the train split."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from preprocessing import tfrecords
+
+    labels = tfrecords.read_labels(str(data_dir))
+    images, ids = read_split(data_dir, "train")
+    pixels = np.stack([tfrecords.decode_and_resize(tf.constant(i), IMAGE_SIZE).numpy() for i in images])
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((*IMAGE_SIZE, 3)),
+        keras.layers.Rescaling(1.0 / 255),
+        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(len(labels), activation="softmax"),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
+    model.fit(pixels, np.array(ids), batch_size=len(ids), epochs=steps, verbose=0)
+    return model, labels
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tfrecord_data):
+    """``(model, labels)``."""
+    return build_tiny_model(tfrecord_data)
+
+
+@pytest.fixture(scope="session")
+def split_images(tfrecord_data) -> dict[str, list[bytes]]:
+    """Encoded images per split of ``tfrecord_data``."""
+    return {split: read_split(tfrecord_data, split)[0] for split in ("train", "validation", "test")}
+
+
+def export_tiny(model, labels, base: pathlib.Path, images: list[bytes], **kwargs):
+    from trainer.export import export_model
+
+    return export_model(model, str(base), labels=labels, image_size=IMAGE_SIZE, resize_mode="stretch",
+                        check_images=images, metadata={"test": True}, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def exported_base(tiny_model, split_images, tmp_path_factory) -> pathlib.Path:
+    """An export base holding version 1 of the tiny model (do not add versions to it)."""
+    model, labels = tiny_model
+    base = tmp_path_factory.mktemp("export")
+    export_tiny(model, labels, base, split_images["test"])
+    return base
