@@ -1,0 +1,136 @@
+"""``python -m preprocessing`` / ``tlp-preprocess``: image folders or a CSV manifest -> TFRecords.
+
+Flags mirror :class:`preprocessing.config.PreprocessConfig`; flags this parser
+does not know (``--runner``, ``--project``, ``--temp_location``,
+``--direct_num_workers`` ...) go to Beam's ``PipelineOptions`` unchanged.
+A problem the user can fix is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+from preprocessing import tfrecords  # noqa: E402
+from preprocessing.config import DEFAULT_MAX_PIXELS, PreprocessConfig, parse_image_size, parse_split  # noqa: E402
+from preprocessing.errors import PreprocessingError  # noqa: E402
+
+EXIT_USER_ERROR = 2
+_DEFAULTS = PreprocessConfig(input="", output="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m preprocessing",
+        description=(
+            "Turn a folder of labelled images (ROOT/<class>/<image> or ROOT/{train,validation,test}/<class>/<image>) "
+            "or a CSV manifest (path,label[,split]) into sharded TFRecords, labels.txt, stats.json and errors.jsonl, "
+            "with an Apache Beam pipeline."
+        ),
+        epilog=(
+            "Any other flag is passed to Apache Beam, e.g. --runner DataflowRunner --project P --region R "
+            "--temp_location gs://B/tmp, or --direct_num_workers 4. Without --runner the job runs locally on "
+            "Beam's FnApiRunner with one worker process per CPU core."
+        ),
+    )
+    parser.add_argument("--input", required=True, help="image folder or CSV manifest (local path or gs://, s3://, ...)")
+    parser.add_argument("--output", required=True, help="data folder to write (must not exist unless --overwrite)")
+    parser.add_argument(
+        "--image-size", default="x".join(str(v) for v in _DEFAULTS.image_size[::-1]), metavar="N|WxH",
+        help="output size: one number for a square, or WIDTHxHEIGHT (default %(default)s)",
+    )
+    parser.add_argument(
+        "--resize-mode", choices=tfrecords.RESIZE_MODES, default=_DEFAULTS.resize_mode,
+        help="stretch ignores the aspect ratio; pad keeps it and adds black bars; crop keeps it and cuts the "
+             "edges (default %(default)s)",
+    )
+    parser.add_argument(
+        "--image-format", choices=tfrecords.IMAGE_FORMATS, default=_DEFAULTS.image_format,
+        help="encoding of the stored images (default %(default)s)",
+    )
+    parser.add_argument("--jpeg-quality", type=int, default=_DEFAULTS.jpeg_quality, metavar="Q",
+                        help="JPEG quality 1-100 (default %(default)s)")
+    parser.add_argument(
+        "--split", default=",".join(f"{fraction * 100:g}" for fraction in _DEFAULTS.split), metavar="TRAIN,VAL,TEST",
+        help="shares of train, validation and test for inputs that name no split; each image's split comes from "
+             "its sha256, so re-runs and added files never move an image (default %(default)s)",
+    )
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="reject images with more pixels than this, before decoding them (default %(default)s)")
+    parser.add_argument("--num-shards", type=int, default=_DEFAULTS.num_shards, metavar="N",
+                        help="TFRecord shards per split; 0 lets the runner choose (default %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--progress-seconds", type=float, default=_DEFAULTS.progress_seconds, metavar="S",
+                        help="seconds between progress lines; 0 turns them off (default %(default)s)")
+    parser.add_argument("--verbose", action="store_true", help="Beam's own logs, and full tracebacks on failure")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
+    return PreprocessConfig(
+        input=args.input,
+        output=args.output,
+        image_size=parse_image_size(args.image_size),
+        resize_mode=args.resize_mode,
+        image_format=args.image_format,
+        jpeg_quality=args.jpeg_quality,
+        split=parse_split(args.split),
+        max_pixels=args.max_pixels,
+        num_shards=args.num_shards,
+        overwrite=args.overwrite,
+        progress_seconds=args.progress_seconds,
+    )
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("preprocessing").setLevel(logging.INFO)
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_drop_forwarded_worker_logs)
+
+
+def _drop_forwarded_worker_logs(record: logging.LogRecord) -> bool:
+    """Drop two kinds of noise: the local runner's raw-proto copies of worker logs (the worker
+    already printed them readably) and Beam's warning about optional GCP client libraries."""
+    message = str(record.msg)
+    return not ("severity:" in message[:40] or message.startswith("apitools not found"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        config = config_from_args(args)
+        from preprocessing.job import run
+
+        run(config, beam_args)
+    except PreprocessingError as error:
+        print(f"preprocessing: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("preprocessing: interrupted; the output was not written", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001
+        if args.verbose:
+            raise
+        message = str(error).strip().splitlines()
+        print(f"preprocessing: error: the job failed: {type(error).__name__}: {message[0] if message else ''} "
+              "(run with --verbose for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

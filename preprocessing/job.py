@@ -1,0 +1,113 @@
+"""Run the job end to end: inspect the input, stage, run Beam, check, write stats, move into place.
+
+:func:`run` is what the CLI calls and what other code (the demo, the
+benchmark) may call: it returns the ``stats.json`` content and raises
+:class:`~preprocessing.errors.PreprocessingError` for anything the user can fix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from preprocessing import pipeline, runners, sources, stats
+from preprocessing.config import PreprocessConfig
+from preprocessing.errors import PreprocessingError
+from preprocessing.staging import Staging
+from preprocessing.tfrecords import ERRORS_FILE, LABELS_FILE, STATS_FILE
+
+_log = logging.getLogger("preprocessing")
+
+
+def _read_text(path: str) -> str:
+    with FileSystems.open(path) as handle:
+        return handle.read().decode("utf-8")
+
+
+def _first_errors(path: str, limit: int = 3) -> list[str]:
+    try:
+        lines = _read_text(path).splitlines()[:limit]
+    except Exception:  # noqa: BLE001
+        return []
+    return [f"{json.loads(line)['path']}: {json.loads(line)['reason']}" for line in lines if line.strip()]
+
+
+def run(config: PreprocessConfig, beam_args: list[str] | None = None) -> dict:
+    """Run the whole job; returns the stats written to ``OUTPUT/stats.json``."""
+    spec = sources.inspect_input(config.input)
+    staging = Staging(config.output, config.overwrite)
+    staging.check()
+    choice = runners.choose_runner(list(beam_args or []))
+    if spec.unknown_columns:
+        _log.warning("manifest %s: ignoring unknown column(s) %s", spec.path, ", ".join(spec.unknown_columns))
+    for folder in spec.empty_class_folders:
+        _log.warning("empty class folder left out: %s", folder)
+    _log.info("input  %s (%s)", spec.path, spec.layout)
+    _log.info("output %s (staged in %s until the job succeeds)", staging.output, staging.path)
+    _log.info(
+        "images %dx%d %s, %s%s; runner %s",
+        config.image_size[1], config.image_size[0], config.resize_mode, config.image_format,
+        f" q{config.jpeg_quality}" if config.image_format == "jpeg" else "", choice.description,
+    )
+
+    out_dir = staging.create()
+    started_at = dt.datetime.now(dt.timezone.utc)
+    started = time.monotonic()
+    try:
+        beam_pipeline = beam.Pipeline(runner=choice.runner, options=choice.options)
+        pipeline.build(beam_pipeline, config, spec, out_dir)
+        result = beam_pipeline.run()
+        pipeline.wait_with_progress(result, choice.local, config.progress_seconds)
+        seconds = time.monotonic() - started
+        counters, distributions, _ = stats.query_counts(result)
+        result_stats = stats.build_stats(counters, distributions)
+        labels = [line for line in _read_text(staging.join(LABELS_FILE)).splitlines() if line]
+        _refuse_unusable(spec, result_stats, labels, staging.join(ERRORS_FILE))
+    except PreprocessingError:
+        staging.discard()
+        raise
+    except Exception:
+        staging.discard()
+        raise
+
+    totals = result_stats["totals"]
+    result_stats.update({
+        "options": config.to_json(),
+        "input": {"path": spec.path, "layout": spec.layout, "manifest_unknown_columns": list(spec.unknown_columns)},
+        "output": staging.output,
+        "labels": labels,
+        "empty_class_folders": list(spec.empty_class_folders),
+        "ignored_files": int(counters.get("ignored", 0)),
+        "errors_file": FileSystems.join(staging.output, ERRORS_FILE),
+        "run": {
+            "runner": choice.description,
+            "started_at": started_at.isoformat(timespec="seconds"),
+            "seconds": round(seconds, 3),
+            "images_per_second": round(totals["found"] / seconds, 2) if seconds > 0 else 0.0,
+            "written_per_second": round(totals["written"] / seconds, 2) if seconds > 0 else 0.0,
+        },
+    })
+    with FileSystems.create(staging.join(STATS_FILE)) as handle:
+        handle.write((json.dumps(result_stats, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    staging.commit()
+    for line in stats.summary_lines(result_stats):
+        _log.info("%s", line)
+    return result_stats
+
+
+def _refuse_unusable(spec: sources.InputSpec, result_stats: dict, labels: list[str], errors_path: str) -> None:
+    """An input with no usable image or a single class cannot train a classifier: say so in one line."""
+    totals = result_stats["totals"]
+    if totals["written"] == 0:
+        examples = "; ".join(_first_errors(errors_path))
+        detail = f" (e.g. {examples})" if examples else ""
+        raise PreprocessingError(
+            f"{spec.path}: no usable images: {totals['found']} input(s) found, all rejected{detail}"
+        )
+    if len(labels) < 2:
+        raise PreprocessingError(f"{spec.path}: need at least two classes, found only {labels[0]!r}")

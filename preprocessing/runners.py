@@ -1,0 +1,106 @@
+"""Which Beam runner runs the job, and with what options.
+
+With no ``--runner`` (or ``--runner DirectRunner``) the job runs on Beam's
+FnApiRunner in ``multi_processing`` mode with one worker process per core.
+It is picked explicitly because Beam 2.77's ``DirectRunner`` name first tries
+the Prism runner, which downloads a binary at run time (and stalls offline).
+Any other ``--runner`` (DataflowRunner, FlinkRunner, SparkRunner, PrismRunner
+...) and every other Beam option pass straight through to ``PipelineOptions``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
+
+LOCAL_RUNNER_NAMES = ("", "directrunner", "direct", "fnapirunner")
+
+
+@dataclass
+class RunnerChoice:
+    """The runner instance (or name) and options to build the ``beam.Pipeline`` with."""
+
+    runner: object
+    options: PipelineOptions
+    description: str
+    local: bool
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _has_flag(args: list[str], name: str) -> bool:
+    return any(arg == name or arg.startswith(name + "=") for arg in args)
+
+
+def _without_flag(args: list[str], name: str) -> list[str]:
+    """``args`` minus ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
+def choose_runner(beam_args: list[str]) -> RunnerChoice:
+    """Build the runner and options from the Beam flags the CLI did not consume."""
+    args = list(beam_args)
+    options = PipelineOptions(args)
+    requested = (options.view_as(StandardOptions).runner or "").strip()
+    if requested.lower() not in LOCAL_RUNNER_NAMES:
+        options.view_as(SetupOptions).save_main_session = False
+        return RunnerChoice(runner=None, options=options, description=requested, local=False)
+
+    if not _has_flag(args, "--direct_num_workers"):
+        args.append(f"--direct_num_workers={available_cores()}")
+    if not _has_flag(args, "--direct_running_mode"):
+        args.append("--direct_running_mode=multi_processing")
+    if not _has_flag(args, "--default_sdk_harness_log_level"):
+        args.append("--default_sdk_harness_log_level=WARNING")
+    if not _has_flag(args, "--sdk_harness_log_level_overrides"):
+        args.append("--sdk_harness_log_level_overrides=" + json.dumps({"preprocessing": "INFO"}))
+    args = _without_flag(args, "--runner")
+    options = PipelineOptions(args)
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode == "multi_processing":
+        _make_package_importable_in_workers()
+    description = f"FnApiRunner ({direct.direct_running_mode}, {direct.direct_num_workers} workers)"
+    return RunnerChoice(runner=_fn_api_runner(options), options=options, description=description, local=True)
+
+
+def _fn_api_runner(options: PipelineOptions):
+    """A FnApiRunner whose workers see the pipeline options (their log levels among them).
+
+    The same provisioning Beam's own DirectRunner does before it hands a
+    batch pipeline to the FnApiRunner.
+    """
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return fn_runner.FnApiRunner(provision_info=info)
+
+
+def _make_package_importable_in_workers() -> None:
+    """Worker processes start with ``python -m ...``: let them import this package even when not installed."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
+    if package_parent not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([package_parent, *paths])
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _ = sys  # the workers run sys.executable, the interpreter running this process
