@@ -1,0 +1,219 @@
+"""Test-split evaluation: the numbers in ``JOB/eval/metrics.json`` and the PNGs beside it.
+
+Two entry points:
+
+* :func:`metrics_from_probabilities` is pure numpy: ``(y_true, probabilities)``
+  in, the metrics dict out. Anything that has probabilities (the Keras model,
+  the exported SavedModel, a TF Serving gRPC response) can be scored the same
+  way, so the end-to-end check compares like with like.
+* :func:`evaluate_model` runs a Keras model over a ``tf.data`` dataset, computes
+  those metrics, writes ``metrics.json`` and draws the plots (``trainer.plots``).
+
+Definitions follow scikit-learn's so figures can be checked against it:
+precision/recall/F1 are 0.0 where undefined (no predictions, no support);
+average precision is the step-wise ``sum((R_n - R_{n-1}) * P_n)`` over
+decreasing score thresholds; top-k counts a hit when fewer than ``k`` classes
+score strictly higher than the true class (``tf.math.in_top_k``'s tie rule).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+CONFUSION_MATRIX_PNG = "confusion_matrix.png"
+PR_CURVES_PNG = "pr_curves.png"
+TRAINING_CURVES_PNG = "training_curves.png"
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts ``[C, C]``: row = true class, column = predicted class."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)), 1)
+    return matrix
+
+
+def top_k_accuracy(y_true: np.ndarray, probabilities: np.ndarray, k: int) -> float:
+    """Fraction of examples whose true class is among the ``k`` highest scores (ties count as hits)."""
+    true_scores = probabilities[np.arange(len(y_true)), y_true]
+    higher = (probabilities > true_scores[:, None]).sum(axis=1)
+    return float(np.mean(higher < k)) if len(y_true) else 0.0
+
+
+def precision_recall_curve(is_positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """One-vs-rest precision and recall at every distinct score threshold, and the average precision.
+
+    Returns ``(precision, recall, ap)``; the arrays start at the highest
+    threshold and end at the lowest (recall rising to 1), with a leading point
+    ``(precision=1, recall=0)`` so a plotted curve starts at the top left. AP is
+    0.0 for a class with no positives.
+    """
+    is_positive = np.asarray(is_positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = int(is_positive.sum())
+    if positives == 0 or len(scores) == 0:
+        return np.array([1.0]), np.array([0.0]), 0.0
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    hits = is_positive[order]
+    last_of_each_threshold = np.r_[np.nonzero(np.diff(sorted_scores))[0], len(sorted_scores) - 1]
+    true_pos = np.cumsum(hits)[last_of_each_threshold]
+    predicted_pos = last_of_each_threshold + 1
+    precision = true_pos / predicted_pos
+    recall = true_pos / positives
+    ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return np.r_[1.0, precision], np.r_[0.0, recall], ap
+
+
+def metrics_from_probabilities(y_true: Sequence[int], probabilities: np.ndarray, labels: Sequence[str],
+                               top_k: int = 3) -> dict[str, Any]:
+    """Every test metric from true class ids ``[N]`` and softmax outputs ``[N, C]`` (class order = ``labels``).
+
+    The returned dict is JSON-ready (plain floats, ints, lists) and is what
+    ``metrics.json`` holds::
+
+        num_examples, num_classes, labels, accuracy, top_k, top_k_accuracy, loss,
+        per_class: {name: {precision, recall, f1, support, average_precision}},
+        macro_avg / weighted_avg: {precision, recall, f1, support},
+        macro_average_precision,
+        confusion_matrix: {rows: "true", cols: "predicted", labels, matrix}
+
+    ``top_k`` is capped at the number of classes (the cap is what ``top_k`` records).
+    ``loss`` is the mean categorical cross-entropy (probabilities clipped at 1e-7).
+    """
+    labels = [str(label) for label in labels]
+    y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    num_classes = len(labels)
+    if probabilities.ndim != 2 or probabilities.shape != (len(y_true), num_classes):
+        raise ValueError(f"probabilities must be [N={len(y_true)}, C={num_classes}], got {probabilities.shape}")
+    if len(y_true) and (y_true.min() < 0 or y_true.max() >= num_classes):
+        raise ValueError(f"class ids must be in [0, {num_classes}), got {y_true.min()}..{y_true.max()}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    k = min(int(top_k), num_classes)
+
+    y_pred = probabilities.argmax(axis=1) if len(y_true) else np.zeros(0, np.int64)
+    matrix = confusion_matrix(y_true, y_pred, num_classes)
+    true_pos = np.diag(matrix)
+    support = matrix.sum(axis=1)
+    predicted = matrix.sum(axis=0)
+    precision = _safe_div(true_pos, predicted)
+    recall = _safe_div(true_pos, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    ap = [precision_recall_curve(y_true == c, probabilities[:, c])[2] for c in range(num_classes)]
+    total = int(support.sum())
+    weights = support / total if total else np.zeros(num_classes)
+    true_probs = probabilities[np.arange(len(y_true)), y_true]
+
+    per_class = {
+        name: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+               "support": int(support[c]), "average_precision": float(ap[c])}
+        for c, name in enumerate(labels)
+    }
+    return {
+        "num_examples": int(len(y_true)),
+        "num_classes": num_classes,
+        "labels": labels,
+        "accuracy": float(np.mean(y_pred == y_true)) if len(y_true) else 0.0,
+        "top_k": k,
+        "top_k_accuracy": top_k_accuracy(y_true, probabilities, k),
+        "loss": float(-np.mean(np.log(np.clip(true_probs, 1e-7, 1.0)))) if len(y_true) else 0.0,
+        "per_class": per_class,
+        "macro_avg": {"precision": float(precision.mean()), "recall": float(recall.mean()),
+                      "f1": float(f1.mean()), "support": total},
+        "weighted_avg": {"precision": float(precision @ weights), "recall": float(recall @ weights),
+                         "f1": float(f1 @ weights), "support": total},
+        "macro_average_precision": float(np.mean(ap)),
+        "confusion_matrix": {"rows": "true", "cols": "predicted", "labels": labels, "matrix": matrix.tolist()},
+    }
+
+
+def predict_dataset(model, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``model`` (inference mode) over ``(images, labels)`` batches; returns ``(y_true [N], probabilities [N, C])``.
+
+    Labels may be class ids ``[B]`` or one-hot ``[B, C]``.
+    """
+    y_true, probs = [], []
+    for images, batch_labels in dataset:
+        out = model(images, training=False)
+        probs.append(np.asarray(out, dtype=np.float32))
+        batch_labels = np.asarray(batch_labels)
+        y_true.append(batch_labels.argmax(axis=-1) if batch_labels.ndim == 2 else batch_labels.reshape(-1))
+    if not probs:
+        raise ValueError("the evaluation dataset is empty")
+    return np.concatenate(y_true).astype(np.int64), np.concatenate(probs)
+
+
+def format_report(metrics: Mapping[str, Any]) -> str:
+    """A readable per-class table of a metrics dict (what :func:`evaluate_model` logs)."""
+    width = max([len("weighted avg")] + [len(name) for name in metrics["labels"]])
+    lines = [
+        f"test: {metrics['num_examples']} examples, accuracy {metrics['accuracy']:.4f}, "
+        f"top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}, loss {metrics['loss']:.4f}",
+        f"{'':{width}}  precision  recall      f1      AP  support",
+    ]
+    for name, row in metrics["per_class"].items():
+        lines.append(f"{name:>{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:6.3f}"
+                     f"  {row['average_precision']:6.3f}  {row['support']:7d}")
+    for key, title in (("macro_avg", "macro avg"), ("weighted_avg", "weighted avg")):
+        row = metrics[key]
+        lines.append(f"{title:>{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:6.3f}"
+                     f"  {'':6}  {row['support']:7d}")
+    return "\n".join(lines)
+
+
+def write_metrics(metrics: Mapping[str, Any], out_dir: str) -> str:
+    """Write ``out_dir/metrics.json`` (any TF filesystem); returns its path."""
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(out_dir)
+    path = os.path.join(out_dir, METRICS_FILE)
+    with tf.io.gfile.GFile(path, "w") as handle:
+        handle.write(json.dumps(metrics, indent=2) + "\n")
+    return path
+
+
+def evaluate_model(model, dataset, labels: Sequence[str], out_dir: str, *,
+                   history: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+                   top_k: int = 3) -> dict[str, Any]:
+    """Evaluate ``model`` on ``dataset`` and write ``out_dir/metrics.json`` and the plots.
+
+    ``dataset`` yields ``(images float32 [B, H, W, 3] in [0, 255], class ids [B])``;
+    ``labels`` is the class order of the model's softmax (``labels.txt``).
+    Writes ``metrics.json`` (see :func:`metrics_from_probabilities`),
+    ``confusion_matrix.png``, ``pr_curves.png`` and, when ``history`` is given
+    as ``{"phase1": History.history, "phase2": History.history}`` (any number
+    of phases, in order), ``training_curves.png``. Returns the metrics dict.
+    """
+    from trainer import plots
+
+    y_true, probabilities = predict_dataset(model, dataset)
+    metrics = metrics_from_probabilities(y_true, probabilities, labels, top_k)
+    path = write_metrics(metrics, out_dir)
+    log.info("%s\nwrote %s", format_report(metrics), path)
+
+    written = [
+        plots.plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]["matrix"]), metrics["labels"],
+                                    os.path.join(out_dir, CONFUSION_MATRIX_PNG)),
+        plots.plot_pr_curves(
+            {name: precision_recall_curve(y_true == c, probabilities[:, c]) for c, name in enumerate(labels)},
+            os.path.join(out_dir, PR_CURVES_PNG)),
+    ]
+    if history:
+        written.append(plots.plot_training_curves(history, os.path.join(out_dir, TRAINING_CURVES_PNG)))
+    log.info("wrote %s", ", ".join(written))
+    return metrics
