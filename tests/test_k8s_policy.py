@@ -157,6 +157,17 @@ def test_project_containers_run_as_the_images_user(overlay):
             assert template["spec"]["securityContext"]["runAsUser"] in uids, where(doc)
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_on_the_workspace_volume_has_the_same_fs_group(overlay):
+    """One group owns the shared volume; a second fsGroup would have the kubelet re-own it back and forth."""
+    groups = {}
+    for doc, template in pods(overlay):
+        spec = template["spec"]
+        if any(v.get("persistentVolumeClaim", {}).get("claimName") == "tlp-workspace" for v in spec.get("volumes", [])):
+            groups[where(doc)] = spec["securityContext"].get("fsGroup")
+    assert len(groups) >= 6 and len(set(groups.values())) == 1 and None not in groups.values(), groups
+
+
 # --- accelerators ------------------------------------------------------------
 
 
