@@ -81,3 +81,36 @@ def exported_base(tiny_model, split_images, tmp_path_factory) -> pathlib.Path:
     base = tmp_path_factory.mktemp("export")
     export_tiny(model, labels, base, split_images["test"])
     return base
+
+
+def start_server(base: pathlib.Path, **overrides):
+    """A started in-process development server on free 127.0.0.1 ports (use as a context manager)."""
+    from serving.server import ModelServer, ServerConfig
+
+    settings = dict(model_base_path=str(base), model_name="classifier", port=0, rest_port=0,
+                    file_system_poll_wait_seconds=0.2, drain_seconds=5)
+    settings.update(overrides)
+    return ModelServer(ServerConfig(**settings))
+
+
+@pytest.fixture(scope="session")
+def serving_server(exported_base):
+    """The development server on ``exported_base`` with batching on, labels stable=1 and canary=2 (not loaded)."""
+    server = start_server(exported_base, version_labels={"stable": 1, "canary": 2}, enable_batching=True,
+                          max_batch_size=8, batch_timeout_micros=1000, max_message_bytes=8 * 1024 * 1024)
+    server.start()
+    yield server
+    server.stop(grace=5)
+
+
+@pytest.fixture(scope="session")
+def grpc_target(serving_server) -> str:
+    return f"127.0.0.1:{serving_server.port}"
+
+
+@pytest.fixture(scope="session")
+def expected_outputs(exported_base, split_images):
+    """What the SavedModel itself returns for the test images (the reference for every transport)."""
+    from trainer.export import load_predict_fn
+
+    return load_predict_fn(str(exported_base / "1"))(split_images["test"])

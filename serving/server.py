@@ -1,0 +1,360 @@
+"""A development server that speaks TF Serving's gRPC and REST APIs.
+
+Production runs the real ``tensorflow/serving`` (see ``serving/config/``).
+This server serves the same ``BASE/<version>/`` folders through the same API,
+so the client, the load test and the demo run here and against TF Serving
+unchanged:
+
+* ``tensorflow.serving.PredictionService``: ``Predict`` and ``GetModelMetadata``;
+  ``tensorflow.serving.ModelService``: ``GetModelStatus``;
+* ``grpc.health.v1.Health``: SERVING for ``""``, ``tensorflow.serving.PredictionService``
+  and ``tensorflow.serving.ModelService`` once a version is loaded (what a
+  Kubernetes ``grpc`` probe asks); NOT_SERVING while draining;
+* REST on ``--rest-port``: ``/v1/models/NAME[/versions/N|/labels/L][/metadata|:predict]``
+  and Prometheus metrics at ``/monitoring/prometheus/metrics``.
+
+Run ``python -m serving.server --model-base-path JOB/export`` (``--help`` for
+the options). SIGTERM or Ctrl-C stops accepting requests, lets the ones in
+flight finish (up to ``--drain-seconds``), then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+
+log = logging.getLogger("serving.server")
+
+HEALTH_SERVICES = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Options of the development server; defaults follow TF Serving's where it has one."""
+
+    model_base_path: str
+    model_name: str = "classifier"
+    host: str = "127.0.0.1"
+    port: int = 8500  # 0 picks a free port
+    rest_port: int = 8501  # 0 picks a free port; -1 turns REST (and metrics) off
+    model_version_policy: str = "latest"  # latest[:N] | all | specific:V1,V2
+    version_labels: dict[str, int] = field(default_factory=dict)
+    file_system_poll_wait_seconds: float = 1.0  # 0 turns watching off
+    enable_batching: bool = False
+    batching_parameters_file: str | None = None
+    max_batch_size: int | None = None
+    batch_timeout_micros: int | None = None
+    num_batch_threads: int | None = None
+    max_enqueued_batches: int | None = None
+    grpc_max_threads: int = 16
+    max_message_bytes: int = 64 * 1024 * 1024
+    drain_seconds: float = 30.0
+    warmup: bool = True
+
+    def batching(self):
+        """The BatchingConfig (file, then flags), or None when batching is off."""
+        from serving.batching import BatchingConfig
+
+        if not self.enable_batching:
+            return None
+        base = BatchingConfig.from_file(self.batching_parameters_file) if self.batching_parameters_file \
+            else BatchingConfig()
+        overrides = {name: getattr(self, name) for name in
+                     ("max_batch_size", "batch_timeout_micros", "num_batch_threads", "max_enqueued_batches")
+                     if getattr(self, name) is not None}
+        return BatchingConfig(**{**base.__dict__, **overrides})
+
+
+def _spec(model_spec):
+    from serving.service import Spec
+
+    choice = model_spec.WhichOneof("version_choice")
+    return Spec(
+        name=model_spec.name,
+        version=model_spec.version.value if choice == "version" else None,
+        label=model_spec.version_label if choice == "version_label" else None,
+        signature_name=model_spec.signature_name,
+    )
+
+
+def _handle(core, context, api: str, model_name: str, fn):
+    """Run ``fn`` under metrics; a ServingError aborts the RPC with its code and message."""
+    from serving.errors import ServingError
+    from serving.tensors import TensorError
+
+    try:
+        with core.track(model_name, api, "GRPC"):
+            try:
+                return fn()
+            except TensorError as exc:
+                from serving.errors import invalid
+
+                raise invalid(str(exc)) from exc
+    except ServingError as exc:
+        context.abort(exc.code, exc.message)
+    except Exception as exc:  # noqa: BLE001 - a bug must not kill the server; the client sees INTERNAL
+        import grpc
+
+        log.exception("%s failed", api)
+        context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+def _servicers(core):
+    from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
+                                         predict_pb2, prediction_service_pb2_grpc)
+
+    from serving import tensors
+
+    class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):  # noqa: N802 - gRPC method name
+            def run():
+                spec = _spec(request.model_spec)
+                inputs = {alias: tensors.from_proto(proto) for alias, proto in request.inputs.items()}
+                loaded, signature_name, outputs = core.predict(spec, inputs, list(request.output_filter))
+                response = predict_pb2.PredictResponse()
+                response.model_spec.name = loaded.name
+                response.model_spec.version.value = loaded.version
+                response.model_spec.signature_name = signature_name
+                for alias, value in outputs.items():
+                    tensors.to_proto(value, proto=response.outputs[alias])
+                return response
+
+            return _handle(core, context, "Predict", request.model_spec.name, run)
+
+        def GetModelMetadata(self, request, context):  # noqa: N802
+            def run():
+                loaded, signature_map = core.metadata(_spec(request.model_spec), request.metadata_field)
+                response = get_model_metadata_pb2.GetModelMetadataResponse()
+                response.model_spec.name = loaded.name
+                response.model_spec.version.value = loaded.version
+                response.metadata["signature_def"].Pack(signature_map)
+                return response
+
+            return _handle(core, context, "GetModelMetadata", request.model_spec.name, run)
+
+    class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+        def GetModelStatus(self, request, context):  # noqa: N802
+            def run():
+                response = get_model_status_pb2.GetModelStatusResponse()
+                for version, state in core.status(_spec(request.model_spec)):
+                    status = response.model_version_status.add()
+                    status.version = version
+                    status.state = state.state
+                    status.status.error_code = state.error_code.value[0]
+                    status.status.error_message = state.error_message
+                return response
+
+            return _handle(core, context, "GetModelStatus", request.model_spec.name, run)
+
+    return PredictionService(), ModelService(), prediction_service_pb2_grpc, model_service_pb2_grpc
+
+
+class ModelServer:
+    """The server as an object: ``start()``, then ``stop()``; ``port``/``rest_port`` are the bound ports."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.port: int | None = None
+        self.rest_port: int | None = None
+        self._grpc = None
+        self._rest = None
+        self._rest_thread = None
+        self._health = None
+        self._stopped = threading.Event()
+
+    def start(self) -> "ModelServer":
+        import grpc
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        from serving.metrics import Metrics
+        from serving.models import ModelManager, VersionPolicy
+        from serving.service import ServingCore
+
+        cfg = self.config
+        self.metrics = Metrics()
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        for service in HEALTH_SERVICES:
+            self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        def on_change(manager):
+            versions = manager.available_versions()
+            self.metrics.available_versions.labels(manager.name).set(len(versions))
+            if versions and not self._stopped.is_set():
+                for service in HEALTH_SERVICES:
+                    self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+        self.manager = ModelManager(
+            name=cfg.model_name, base_path=cfg.model_base_path,
+            policy=VersionPolicy.parse(cfg.model_version_policy), labels=dict(cfg.version_labels),
+            poll_seconds=cfg.file_system_poll_wait_seconds, warmup=cfg.warmup, on_change=on_change)
+        self.core = ServingCore(self.manager, self.metrics, cfg.batching())
+        self.manager.start()
+
+        options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+                   ("grpc.max_send_message_length", cfg.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc_max_threads,
+                                                            thread_name_prefix="grpc"), options=options)
+        prediction, model, prediction_grpc, model_grpc = _servicers(self.core)
+        prediction_grpc.add_PredictionServiceServicer_to_server(prediction, self._grpc)
+        model_grpc.add_ModelServiceServicer_to_server(model, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+        self.port = self._grpc.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address} for gRPC (port in use?)")
+        self._grpc.start()
+        if cfg.rest_port >= 0:
+            from serving.rest import make_rest_server
+
+            self._rest = make_rest_server(self.core, cfg.host, cfg.rest_port)
+            self.rest_port = self._rest.server_address[1]
+            self._rest_thread = threading.Thread(target=self._rest.serve_forever, name="rest", daemon=True)
+            self._rest_thread.start()
+        versions = self.manager.available_versions()
+        where = f"{cfg.host}:{self.port} (gRPC)" + (f", {cfg.host}:{self.rest_port} (REST)" if self._rest else "")
+        if versions:
+            log.info("serving model %s version %d on %s", cfg.model_name, versions[-1], where)
+        else:
+            log.info("listening on %s; no version of model %s yet, watching %s", where, cfg.model_name,
+                     cfg.model_base_path)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: report NOT_SERVING, refuse new requests, finish those in flight, release everything."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.drain_seconds if grace is None else grace
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        if self._rest is not None:
+            self._rest.shutdown()
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait()
+        if self._rest is not None:
+            self.core.wait_idle(grace)
+            self._rest.server_close()
+        if hasattr(self, "manager"):
+            self.manager.stop()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+    def __enter__(self) -> "ModelServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(grace=5)
+
+
+def _label(text: str) -> tuple[str, int]:
+    name, sep, version = text.partition("=")
+    if not sep or not name or not version.isdigit():
+        raise argparse.ArgumentTypeError(f"expected LABEL=VERSION (e.g. stable=1), got {text!r}")
+    return name, int(version)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServerConfig(model_base_path="")
+    p = argparse.ArgumentParser(
+        prog="python -m serving.server",
+        description="Development server speaking TF Serving's gRPC and REST APIs over BASE/<version>/ SavedModels.")
+    p.add_argument("--model-base-path", required=True, help="folder holding numeric version folders (JOB/export)")
+    p.add_argument("--model-name", default=d.model_name, help="name clients ask for (default: %(default)s)")
+    p.add_argument("--host", default=d.host, help="address to bind (default: %(default)s; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=d.port, help="gRPC port, 0 for any free (default: %(default)s)")
+    p.add_argument("--rest-port", type=int, default=d.rest_port,
+                   help="REST and metrics port, 0 for any free, -1 for none (default: %(default)s)")
+    p.add_argument("--model-version-policy", default=d.model_version_policy,
+                   help="latest[:N], all or specific:V1,V2 (default: %(default)s)")
+    p.add_argument("--version-label", action="append", type=_label, default=[], metavar="LABEL=VERSION",
+                   help="name a version, e.g. stable=1 (repeatable)")
+    p.add_argument("--file-system-poll-wait-seconds", type=float, default=d.file_system_poll_wait_seconds,
+                   help="how often to look for new versions, 0 to never (default: %(default)s)")
+    p.add_argument("--enable-batching", action="store_true", help="merge concurrent requests into batches")
+    p.add_argument("--batching-parameters-file", help="TF Serving batching parameters file (text proto)")
+    p.add_argument("--max-batch-size", type=int, help="rows per batch (default 32, overrides the file)")
+    p.add_argument("--batch-timeout-micros", type=int, help="longest wait for a batch to fill (default 2000)")
+    p.add_argument("--num-batch-threads", type=int, help="threads running batches (default 2)")
+    p.add_argument("--max-enqueued-batches", type=int, help="queue length in batches before UNAVAILABLE (default 100)")
+    p.add_argument("--grpc-max-threads", type=int, default=d.grpc_max_threads,
+                   help="gRPC worker threads (default: %(default)s)")
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
+                   help="largest gRPC message accepted or sent (default: %(default)s)")
+    p.add_argument("--drain-seconds", type=float, default=d.drain_seconds,
+                   help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="do not replay assets.extra/tf_serving_warmup_requests")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        model_base_path=args.model_base_path, model_name=args.model_name, host=args.host, port=args.port,
+        rest_port=args.rest_port, model_version_policy=args.model_version_policy,
+        version_labels=dict(args.version_label), file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+        enable_batching=args.enable_batching or bool(args.batching_parameters_file),
+        batching_parameters_file=args.batching_parameters_file, max_batch_size=args.max_batch_size,
+        batch_timeout_micros=args.batch_timeout_micros, num_batch_threads=args.num_batch_threads,
+        max_enqueued_batches=args.max_enqueued_batches, grpc_max_threads=args.grpc_max_threads,
+        max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds, warmup=args.warmup)
+
+
+def _check(config: ServerConfig) -> None:
+    from serving.models import VersionPolicy
+
+    if not os.path.isdir(config.model_base_path) and "://" not in config.model_base_path:
+        raise ValueError(f"--model-base-path {config.model_base_path} is not a folder")
+    VersionPolicy.parse(config.model_version_policy)
+    if config.batching_parameters_file and not os.path.isfile(config.batching_parameters_file):
+        raise ValueError(f"--batching-parameters-file {config.batching_parameters_file} not found")
+    config.batching()
+    for port in (config.port, config.rest_port):
+        if not -1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    config = config_from_args(args)
+    try:
+        _check(config)
+    except Exception as exc:  # noqa: BLE001 - user mistakes: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    server = ModelServer(config)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s: draining requests in flight (up to %.0fs)", signal.Signals(signum).name,
+                 config.drain_seconds)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.start()
+    except Exception as exc:  # noqa: BLE001
+        print(f"error: cannot start the server: {exc}", file=sys.stderr)
+        server.stop(grace=0)
+        return 1
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
