@@ -1,0 +1,124 @@
+"""The search end to end through ``trainer.cli.main``: real Keras Tuner searches over real TFRecords.
+
+Plumbing runs use ``--weights none`` and 32x32 inputs so they are quick; the
+real-weights run is in test_trainer_real.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer.cli import main
+
+QUICK = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--seed", "3"]
+SPACE = json.dumps({"finetune_depth": [0, 1], "dense_layers": [0, 1], "pooling": ["avg", "max"]})
+
+
+def _statuses(job) -> list[str]:
+    return sorted(json.loads(p.read_text())["status"] for p in (job / "tuner").glob("trial_*/trial.json"))
+
+
+@pytest.fixture(scope="module")
+def searched_job(tfrecord_data, tmp_path_factory):
+    job = tmp_path_factory.mktemp("job")
+    rc = main(["--data", str(tfrecord_data), "--job-dir", str(job), "--tuner", "random", "--max-trials", "2",
+               "--search-space", SPACE, *QUICK])
+    assert rc == 0
+    return job
+
+
+def test_a_search_writes_the_job_folder_of_the_contract(searched_job):
+    for path in ("tuner/search.json", "tuner/trials.csv", "tuner/trials.json", "eval/metrics.json",
+                 "eval/confusion_matrix.png", "best_hyperparameters.json", "gate.json", "export/1/saved_model.pb"):
+        assert (searched_job / path).exists(), path
+    assert _statuses(searched_job) == ["COMPLETED", "COMPLETED"]
+
+
+def test_tensorboard_has_scalars_per_trial_and_for_the_final_fit(searched_job):
+    trial_logs = [p for p in (searched_job / "tensorboard" / "search").iterdir() if p.is_dir()]
+    assert len(trial_logs) == 2
+    for trial in trial_logs:
+        assert list(trial.rglob("events.out.tfevents.*")), trial
+    assert list((searched_job / "tensorboard" / "final").rglob("events.out.tfevents.*"))
+
+
+def test_best_hyperparameters_are_the_winning_trials_values_and_score(searched_job):
+    best = json.loads((searched_job / "best_hyperparameters.json").read_text())
+    trial = json.loads((searched_job / "tuner" / f"trial_{best['trial_id']}" / "trial.json").read_text())
+    assert best["score"] == pytest.approx(trial["score"])
+    assert best["values"]["finetune_depth"] in (0, 1)
+    assert best["values"] == {k: v for k, v in trial["hyperparameters"]["values"].items()
+                              if not k.startswith("tuner/")}
+
+
+def test_the_exported_model_answers_for_encoded_test_images(searched_job, tfrecord_data):
+    from trainer import data
+    from trainer.export import load_predict_fn
+
+    info = data.inspect_data(str(tfrecord_data))
+    images, _ = data.encoded_examples(info, "test")
+    out = load_predict_fn(str(searched_job / "export" / "1"))(images)
+    assert out["probabilities"].shape == (len(images), 3)
+    assert out["probabilities"].sum(axis=1) == pytest.approx([1.0] * len(images), abs=1e-4)
+    assert {label.decode() if isinstance(label, bytes) else label for label in out["labels"]} <= set(info.labels)
+
+
+def test_rerunning_the_same_command_resumes_without_new_trials(searched_job, tfrecord_data, caplog):
+    caplog.set_level("INFO", logger="trainer")
+    rc = main(["--data", str(tfrecord_data), "--job-dir", str(searched_job), "--tuner", "random", "--max-trials", "2",
+               "--search-space", SPACE, "--no-export", *QUICK])
+    assert rc == 0
+    assert "resuming the previous search" in caplog.text
+    assert len(_statuses(searched_job)) == 2
+
+
+def test_a_changed_search_space_is_refused_in_one_line(searched_job, tfrecord_data, capsys):
+    rc = main(["--data", str(tfrecord_data), "--job-dir", str(searched_job), "--tuner", "random", "--max-trials", "2",
+               "--search-space", '{"finetune_depth": 0}', *QUICK])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "search_space" in err and "--overwrite" in err
+
+
+def test_a_changed_tuner_is_refused(searched_job, tfrecord_data, capsys):
+    rc = main(["--data", str(tfrecord_data), "--job-dir", str(searched_job), "--tuner", "bayesian",
+               "--max-trials", "2", "--search-space", SPACE, *QUICK])
+    assert rc == 2
+    assert "tuner" in capsys.readouterr().err
+
+
+def test_overwrite_starts_the_search_afresh(tfrecord_data, tmp_path, caplog):
+    caplog.set_level("INFO", logger="trainer")
+    args = ["--data", str(tfrecord_data), "--job-dir", str(tmp_path), "--tuner", "random", "--no-export", *QUICK]
+    assert main([*args, "--max-trials", "1", "--search-space", '{"finetune_depth": 0, "dense_layers": 0}']) == 0
+    assert main([*args, "--max-trials", "1", "--search-space", '{"finetune_depth": 0, "dense_layers": 1}',
+                 "--overwrite"]) == 0
+    assert "starting afresh" in caplog.text.split("--overwrite")[-1]
+    search = json.loads((tmp_path / "tuner" / "search.json").read_text())
+    assert search["search_space"]["dense_layers"] == {"value": 1}
+    assert len(_statuses(tmp_path)) == 1
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(tfrecord_data, tmp_path):
+    # An L2 factor of 1e38 overflows the loss to infinity: that trial fails, the next one completes.
+    space = {"finetune_depth": 0, "dense_layers": 0, "pooling": "avg", "head_batchnorm": False, "dropout": 0,
+             "optimizer": "adam", "head_learning_rate": 1e-3, "l2": [1e38, 0.0]}
+    rc = main(["--data", str(tfrecord_data), "--job-dir", str(tmp_path), "--tuner", "grid", "--max-trials", "2",
+               "--search-space", json.dumps(space), "--no-export", *QUICK])
+    assert rc == 0
+    assert _statuses(tmp_path) == ["COMPLETED", "FAILED"]
+    best = json.loads((tmp_path / "best_hyperparameters.json").read_text())
+    assert best["values"]["l2"] == 0.0
+
+
+@pytest.mark.parametrize("tuner", ["hyperband", "bayesian"])
+def test_the_other_tuners_complete_a_search(tuner, tfrecord_data, tmp_path):
+    if tuner == "bayesian":
+        pytest.importorskip("scipy", reason="BayesianOptimization needs keras-tuner[bayesian] (scipy)")
+    rc = main(["--data", str(tfrecord_data), "--job-dir", str(tmp_path), "--tuner", tuner, "--max-trials", "2",
+               "--search-space", SPACE, "--no-export", *QUICK])
+    assert rc == 0
+    assert "COMPLETED" in _statuses(tmp_path)
+    assert json.loads((tmp_path / "best_hyperparameters.json").read_text())["score"] is not None

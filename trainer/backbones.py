@@ -1,0 +1,159 @@
+"""The registry of ImageNet backbones a search can use.
+
+Each entry knows how to build the ``keras.applications`` network without its
+top, the preprocessing its ImageNet weights expect (built into the model as a
+layer, so the exported SavedModel carries it), its default and smallest input
+size, and how its layers group into blocks. Fine-tune depth is counted in those
+blocks ("unfreeze the top 2 blocks"), never in raw layers, so the same depth
+means the same thing on every backbone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from trainer.config import UserError
+
+IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
+TORCH_MEAN = (0.485, 0.456, 0.406)
+TORCH_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One backbone: ``preprocess`` is ``tf`` ([-1, 1]), ``caffe`` (BGR minus means), ``torch`` or ``none``."""
+
+    name: str
+    app: str
+    default_size: int
+    min_size: int
+    preprocess: str
+    block_pattern: str
+    stem_blocks: tuple[str, ...] = ()
+
+    def build(self, image_size: tuple[int, int], weights: str | None):
+        """The ``include_top=False`` network for ``[H, W, 3]`` inputs; weights: None or a local file."""
+        import keras
+
+        check_image_size(self, image_size)
+        constructor = getattr(keras.applications, self.app)
+        model = constructor(include_top=False, weights=None, input_shape=(image_size[0], image_size[1], 3))
+        if weights:
+            try:
+                model.load_weights(weights)
+            except Exception as error:  # noqa: BLE001 - any failure means "does not fit"
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise UserError(
+                    f"--weights {weights}: does not fit backbone {self.name!r} ({reason[:200]})") from None
+        return model
+
+    def block_of(self, layer_name: str) -> str | None:
+        """The block a layer belongs to, or None for a layer that continues the previous block."""
+        match = re.match(self.block_pattern, layer_name)
+        return match.group(1) if match else None
+
+    def blocks(self, model) -> list[list]:
+        """The backbone's layers grouped into blocks, input to output; the stem is excluded.
+
+        A layer whose name matches no block joins the block before it (e.g. a
+        final ``out_relu`` joins the last block). The input layer and layers
+        before the first block, or in ``stem_blocks``, form the stem, which is
+        never unfrozen by a depth short of "all".
+        """
+        groups: list[tuple[str, list]] = []
+        for layer in model.layers:
+            if isinstance(layer, _input_layer_type()):
+                continue
+            key = self.block_of(layer.name)
+            if key is not None and (not groups or groups[-1][0] != key):
+                groups.append((key, [layer]))
+            elif groups:
+                groups[-1][1].append(layer)
+            else:
+                groups.append(("stem", [layer]))
+        return [layers for key, layers in groups if key != "stem" and key not in self.stem_blocks]
+
+    def num_blocks(self, image_size: tuple[int, int] | None = None) -> int:
+        return _count_blocks(self.name, tuple(image_size or (self.default_size, self.default_size)))
+
+
+def _input_layer_type():
+    import keras
+
+    return keras.layers.InputLayer
+
+
+_COUNT_CACHE: dict = {}
+
+
+def _count_blocks(name: str, image_size: tuple[int, int]) -> int:
+    key = (name, image_size)
+    if key not in _COUNT_CACHE:
+        backbone = get_backbone(name)
+        size = max(image_size[0], backbone.min_size), max(image_size[1], backbone.min_size)
+        _COUNT_CACHE[key] = len(backbone.blocks(backbone.build(size, None)))
+    return _COUNT_CACHE[key]
+
+
+REGISTRY: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("mobilenet_v2", "MobileNetV2", 224, 32, "tf",
+                 r"^(Conv1|bn_Conv1|expanded_conv|block_\d+|Conv_1)(?:_|$)", stem_blocks=("Conv1", "bn_Conv1")),
+        Backbone("efficientnet_b0", "EfficientNetB0", 224, 32, "none",
+                 r"^(stem|block\d[a-z]|top)_", stem_blocks=("stem",)),
+        Backbone("resnet50", "ResNet50", 224, 32, "caffe",
+                 r"^(conv1|pool1|conv\d_block\d+)_", stem_blocks=("conv1", "pool1")),
+        Backbone("vgg16", "VGG16", 224, 32, "caffe", r"^(block\d+)_"),
+        Backbone("densenet121", "DenseNet121", 224, 32, "torch",
+                 r"^(conv1|pool1|conv\d_block\d+|pool\d)_", stem_blocks=("conv1", "pool1")),
+        Backbone("xception", "Xception", 299, 71, "tf", r"^(block\d+)_", stem_blocks=("block1",)),
+    )
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    if name not in REGISTRY:
+        raise UserError(f"--backbone {name!r}: unknown backbone; choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def check_image_size(backbone: Backbone, image_size: tuple[int, int]) -> None:
+    height, width = image_size
+    if height < backbone.min_size or width < backbone.min_size:
+        raise UserError(
+            f"--image-size {height}x{width}: too small for backbone {backbone.name!r} "
+            f"(needs at least {backbone.min_size}x{backbone.min_size})")
+
+
+def resolve_weights(weights: str, backbone: Backbone) -> str | None:
+    """``imagenet`` -> a local file from the Keras cache (downloading if online); ``none`` -> None; else the path.
+
+    Offline, ``imagenet`` fails at once with one line naming ``--weights PATH``.
+    """
+    if weights.lower() == "none":
+        return None
+    if weights.lower() != "imagenet":
+        import tensorflow as tf
+
+        if not tf.io.gfile.exists(weights):
+            raise UserError(f"--weights {weights}: no such file")
+        return weights
+    import keras
+
+    constructor: Callable = getattr(keras.applications, backbone.app)
+    try:
+        model = constructor(include_top=False, weights="imagenet",
+                            input_shape=(backbone.default_size, backbone.default_size, 3))
+    except Exception as error:  # noqa: BLE001 - network failures come in many types
+        raise UserError(
+            f"--weights imagenet: could not download the {backbone.name} ImageNet weights "
+            f"({type(error).__name__}); offline, pass a local file with --weights PATH") from None
+    cache = os.path.join(os.path.expanduser("~"), ".keras", "models", f"tlp_{backbone.name}_notop.weights.h5")
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    if not os.path.exists(cache):
+        model.save_weights(cache)
+    return cache

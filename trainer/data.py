@@ -1,0 +1,238 @@
+"""The trainer's input: what the preprocessing job wrote, checked, and read with tf.data.
+
+Records are read with the shared contract module (``preprocessing.tfrecords``)
+so the trainer decodes and resizes exactly as the serving graph will. Shards
+are interleaved in parallel, decoding runs in parallel, and batches are
+prefetched with autotuning; nothing holds the whole dataset in memory unless
+``cache="memory"`` is asked for.
+
+When the data has no validation split, one is carved from train by hashing each
+record's sha256: deterministic, and stable when images are added.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+from preprocessing import tfrecords
+from trainer.config import UserError
+
+log = logging.getLogger("trainer.data")
+
+_BUCKETS = 1000
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the trainer knows about ``DATA`` after checking it."""
+
+    data_dir: str
+    labels: list[str]
+    record_size: tuple[int, int] | None
+    resize_mode: str
+    shards: dict[str, list[str]]
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    carved_validation: bool = False
+    validation_fraction: float = 0.2
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def size(self, split: str) -> int:
+        return sum(self.counts.get(split, []))
+
+    @property
+    def eval_split(self) -> str:
+        """The split the final model is evaluated and gated on: test, or validation when there is no test."""
+        return "test" if self.size("test") else "validation"
+
+
+def inspect_data(data_dir: str, validation_fraction: float = 0.2) -> DataInfo:
+    """Check ``DATA`` and count its records per split and class; raise :class:`UserError` on bad input."""
+    import tensorflow as tf
+
+    if not tf.io.gfile.isdir(data_dir):
+        raise UserError(f"--data {data_dir}: no such folder")
+    if not tf.io.gfile.listdir(data_dir):
+        raise UserError(f"--data {data_dir}: the folder is empty")
+    if not tf.io.gfile.exists(os.path.join(data_dir, tfrecords.LABELS_FILE)):
+        raise UserError(f"--data {data_dir}: no {tfrecords.LABELS_FILE} (is this a preprocessing output folder?)")
+    labels = tfrecords.read_labels(data_dir)
+    if len(labels) < 2:
+        raise UserError(f"--data {data_dir}: {tfrecords.LABELS_FILE} lists {len(labels)} class(es); "
+                        "classification needs at least 2")
+    shards = {split: tfrecords.list_shards(data_dir, split) for split in tfrecords.SPLITS}
+    if not shards["train"]:
+        raise UserError(f"--data {data_dir}: no train shards ({tfrecords.shard_pattern('train')})")
+    options = _read_options(data_dir)
+    size = options.get("image_size")
+    record_size = (int(size[0]), int(size[1])) if size else None
+    resize_mode = options.get("resize_mode") or "stretch"
+    if resize_mode not in tfrecords.RESIZE_MODES:
+        raise UserError(f"--data {data_dir}: stats.json resize_mode {resize_mode!r} is not one of "
+                        f"{', '.join(tfrecords.RESIZE_MODES)}")
+    carve = not shards["validation"]
+    counts = {}
+    for split in tfrecords.SPLITS:
+        if shards[split]:
+            counts.update(_count_split(data_dir, split, shards[split], labels, carve, validation_fraction))
+    if not sum(counts.get("train", [])):
+        raise UserError(f"--data {data_dir}: the train split has no records")
+    present = sum(1 for n in counts["train"] if n)
+    if present < 2:
+        raise UserError(f"--data {data_dir}: the train split holds {present} class; classification needs at least 2")
+    info = DataInfo(data_dir, labels, record_size, resize_mode, shards, counts, carve, validation_fraction)
+    if carve:
+        log.info("no validation split in %s: carving %.0f%% of train by sha256 (%d records)",
+                 data_dir, validation_fraction * 100, info.size("validation"))
+    if not info.size("validation"):
+        raise UserError(f"--data {data_dir}: the validation split is empty (too few train records to carve one)")
+    return info
+
+
+def _read_options(data_dir: str) -> dict:
+    import tensorflow as tf
+
+    path = os.path.join(data_dir, tfrecords.STATS_FILE)
+    if not tf.io.gfile.exists(path):
+        return {}
+    try:
+        with tf.io.gfile.GFile(path) as handle:
+            return dict(json.load(handle).get("options") or {})
+    except (ValueError, AttributeError) as error:
+        raise UserError(f"--data {data_dir}: stats.json is not valid JSON ({error})") from None
+
+
+def _validation_bucket(sha, source_id):
+    import tensorflow as tf
+
+    key = tf.where(tf.strings.length(sha) > 0, sha, source_id)
+    return tf.strings.to_hash_bucket_fast(key, _BUCKETS)
+
+
+def _count_split(data_dir, split, files, labels, carve, fraction) -> dict[str, list[int]]:
+    """Per-class counts of one split (and the carved validation), checking labels against labels.txt."""
+    import tensorflow as tf
+
+    spec = {k: v for k, v in tfrecords.feature_spec().items()
+            if k in (tfrecords.LABEL, tfrecords.TEXT, tfrecords.SHA256, tfrecords.SOURCE_ID)}
+    dataset = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE).batch(1024)
+    dataset = dataset.map(lambda s: tf.io.parse_example(s, spec), num_parallel_calls=tf.data.AUTOTUNE)
+    counts = {split: [0] * len(labels)}
+    if split == "train" and carve:
+        counts["validation"] = [0] * len(labels)
+    seen_text = {}
+    try:
+        for batch in dataset.as_numpy_iterator():
+            buckets = _validation_bucket(batch[tfrecords.SHA256], batch[tfrecords.SOURCE_ID]).numpy()
+            for label, text, bucket in zip(batch[tfrecords.LABEL], batch[tfrecords.TEXT], buckets):
+                label = int(label)
+                if not 0 <= label < len(labels):
+                    raise UserError(f"--data {data_dir}: {split} records use class id {label} but "
+                                    f"{tfrecords.LABELS_FILE} lists {len(labels)} classes")
+                if text:
+                    seen_text.setdefault(label, text.decode("utf-8", "replace"))
+                target = "validation" if carve and split == "train" and bucket < fraction * _BUCKETS else split
+                counts[target][label] += 1
+    except tf.errors.DataLossError:
+        raise UserError(f"--data {data_dir}: a {split} shard is corrupt or not a TFRecord file") from None
+    for label, text in seen_text.items():
+        if text != labels[label]:
+            raise UserError(f"--data {data_dir}: {split} records name class {label} {text!r} but "
+                            f"{tfrecords.LABELS_FILE} line {label + 1} says {labels[label]!r}")
+    return counts
+
+
+def _records(info: DataInfo, split: str, *, shuffle: bool, seed: int):
+    """Serialized-parsed records of a split (or the carved part of train) as ``(encoded, label)``."""
+    import tensorflow as tf
+
+    source = "train" if (info.carved_validation and split == "validation") else split
+    files = info.shards[source]
+    if not files:
+        raise UserError(f"--data {info.data_dir}: no {split} shards")
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
+                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+    dataset = dataset.map(tfrecords.parse_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+    if info.carved_validation and source == "train":
+        threshold = int(info.validation_fraction * _BUCKETS)
+        keep_validation = split == "validation"
+
+        def _in_split(example):
+            bucket = _validation_bucket(example[tfrecords.SHA256], example[tfrecords.SOURCE_ID])
+            return (bucket < threshold) if keep_validation else (bucket >= threshold)
+
+        dataset = dataset.filter(_in_split)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(info.size(split)))
+    return dataset.map(lambda e: (e[tfrecords.ENCODED], e[tfrecords.LABEL]))
+
+
+def image_dataset(info: DataInfo, split: str, image_size: tuple[int, int], batch_size: int, *,
+                  shuffle: bool = False, seed: int = 0, augmenter=None, cache: str | None = None,
+                  repeat: bool = False):
+    """Batches of ``(images float32 [B, H, W, 3] in [0, 255], labels int32 [B])`` of one split.
+
+    ``cache`` is None, ``"memory"`` or a file path prefix (decoded images are
+    cached after the first pass). ``augmenter`` (see :mod:`trainer.augment`)
+    runs on shuffled training batches only.
+    """
+    import tensorflow as tf
+
+    from trainer.augment import augment_dataset
+
+    size = tuple(int(s) for s in image_size)
+    mode = info.resize_mode
+    dataset = _records(info, split, shuffle=shuffle, seed=seed)
+    dataset = dataset.map(lambda encoded, label: (tfrecords.decode_and_resize(encoded, size, mode),
+                                                  tf.cast(label, tf.int32)),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+    if cache == "memory":
+        dataset = dataset.cache()
+    elif cache:
+        tf.io.gfile.makedirs(os.path.dirname(cache) or ".")
+        dataset = dataset.cache(cache)
+    if shuffle:
+        dataset = dataset.shuffle(min(max(info.size(split), 1), 4096), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    dataset = dataset.batch(batch_size)
+    if shuffle and augmenter is not None:
+        dataset = augment_dataset(dataset, augmenter)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def encoded_examples(info: DataInfo, split: str, limit: int | None = None) -> tuple[list[bytes], list[int]]:
+    """Encoded image bytes and labels of a split, in file order (for export checks and the gate)."""
+    dataset = _records(info, split, shuffle=False, seed=0)
+    if limit:
+        dataset = dataset.take(limit)
+    images, labels = [], []
+    for encoded, label in dataset.as_numpy_iterator():
+        images.append(bytes(encoded))
+        labels.append(int(label))
+    return images, labels
+
+
+def class_weights(info: DataInfo) -> dict[int, float]:
+    """``n / (classes * n_c)`` per train class (sklearn's "balanced"), 0 for an absent class."""
+    counts = info.counts["train"]
+    total = sum(counts)
+    present = sum(1 for c in counts if c)
+    return {i: (total / (present * c) if c else 0.0) for i, c in enumerate(counts)}
+
+
+def describe_counts(info: DataInfo) -> str:
+    parts = []
+    for split in tfrecords.SPLITS:
+        if split in info.counts:
+            parts.append(f"{split}={info.size(split)}")
+    per_class = collections.OrderedDict(zip(info.labels, info.counts["train"]))
+    return ", ".join(parts) + "; train per class: " + ", ".join(f"{k}={v}" for k, v in per_class.items())

@@ -1,0 +1,428 @@
+"""The search space and the two-phase transfer-learning trial.
+
+:class:`TransferHyperModel` is a ``keras_tuner.HyperModel``. ``build(hp)``
+returns the whole classifier (``image [0, 255] -> backbone preprocessing ->
+frozen backbone -> head -> softmax``), which is what gets exported.
+``fit(hp, model, ...)`` trains it the way practitioners do by hand:
+
+1. the head alone, on bottleneck features of the frozen backbone read from the
+   on-disk cache (:mod:`trainer.bottleneck`), so no trial or epoch runs the
+   backbone again;
+2. when ``finetune_depth > 0``, the top ``depth`` blocks of the backbone
+   unfrozen and trained with the (low) fine-tune learning rate on augmented
+   images. Batch normalization layers stay frozen (``trainable=False``, which
+   in Keras 3 also runs them in inference mode) so their moving statistics
+   never move.
+
+Both phases stop early on validation loss and restore the best weights. A
+trial whose loss becomes NaN, or that runs out of memory, raises
+``FailedTrialError``: Keras Tuner records it as failed and goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from typing import Any, Callable
+
+import keras
+import keras_tuner as kt
+
+from trainer.backbones import Backbone
+from trainer.config import UserError
+
+log = logging.getLogger("trainer.hypermodel")
+
+POOLINGS = ("avg", "max", "flatten")
+OPTIMIZERS = ("adam", "sgd")
+
+# name -> (kind, default spec). Kinds: choice, int, float, boolean, fixed.
+_DEFAULT_SPACE: dict[str, dict] = {
+    "pooling": {"values": ["avg", "max"]},
+    "head_batchnorm": {"values": [False, True]},
+    "dense_layers": {"min": 0, "max": 2},
+    "dense_units_1": {"values": [128, 256, 512]},
+    "dense_units_2": {"values": [64, 128, 256]},
+    "dropout": {"min": 0.0, "max": 0.5, "step": 0.1},
+    "l2": {"values": [0.0, 1e-5, 1e-4, 1e-3]},
+    "optimizer": {"values": ["adam", "sgd"]},
+    "momentum": {"values": [0.9]},
+    "head_learning_rate": {"min": 1e-4, "max": 1e-2, "sampling": "log"},
+    "finetune_depth": {"min": 0, "max": 2},
+    "finetune_learning_rate": {"min": 1e-5, "max": 1e-3, "sampling": "log"},
+}
+_INT_NAMES = {"dense_layers", "dense_units_1", "dense_units_2", "finetune_depth"}
+
+
+def default_max_depth(num_train: int, num_blocks: int) -> int:
+    """How many top blocks are worth unfreezing, by the transfer-learning rule of thumb.
+
+    Small datasets overfit a deep fine-tune and gain little from it, so the
+    range grows with the data: under 1,000 training images, up to 10% of the
+    blocks; under 10,000, 25%; under 100,000, half; beyond that, all of them.
+    (Data close to ImageNet needs even less; narrow the range with
+    ``--search-space`` when you know that.)
+    """
+    fraction = 0.1 if num_train < 1000 else 0.25 if num_train < 10000 else 0.5 if num_train < 100000 else 1.0
+    return max(1, min(num_blocks, math.ceil(fraction * num_blocks)))
+
+
+def load_search_space(text_or_path: str | None) -> dict:
+    """``--search-space``: a JSON object, or a path to a file holding one; empty when not given."""
+    if not text_or_path:
+        return {}
+    text = text_or_path
+    if not text_or_path.lstrip().startswith("{"):
+        import tensorflow as tf
+
+        if not tf.io.gfile.exists(text_or_path):
+            raise UserError(f"--search-space {text_or_path}: no such file (and not a JSON object)")
+        with tf.io.gfile.GFile(text_or_path) as handle:
+            text = handle.read()
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise UserError(f"--search-space: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise UserError("--search-space: must be a JSON object of hyperparameter name -> range")
+    return value
+
+
+def resolve_space(overrides: dict, *, num_blocks: int, num_train: int) -> dict[str, dict]:
+    """The default ranges with the user's overrides applied, each normalised to a spec dict.
+
+    A scalar fixes a value, a list is a choice, ``{"min", "max", "step"?,
+    "sampling"?}`` a range, ``{"values": [...]}`` a choice, ``{"value": v}`` fixed.
+    """
+    space = copy.deepcopy(_DEFAULT_SPACE)
+    space["finetune_depth"]["max"] = default_max_depth(num_train, num_blocks)
+    for name, spec in overrides.items():
+        if name not in space:
+            raise UserError(f"--search-space: unknown hyperparameter {name!r}; known: {', '.join(space)}")
+        if isinstance(spec, list):
+            spec = {"values": spec}
+        elif not isinstance(spec, dict):
+            spec = {"value": spec}
+        if not ({"values"} <= spec.keys() or {"value"} <= spec.keys() or {"min", "max"} <= spec.keys()):
+            raise UserError(f"--search-space: {name!r} needs a value, a list, or min and max")
+        space[name] = spec
+    _check(space, num_blocks)
+    return space
+
+
+def _spec_values(spec: dict) -> list:
+    if "value" in spec:
+        return [spec["value"]]
+    if "values" in spec:
+        return list(spec["values"])
+    return [spec["min"], spec["max"]]
+
+
+def _check(space: dict, num_blocks: int) -> None:
+    for value in _spec_values(space["pooling"]):
+        if value not in POOLINGS:
+            raise UserError(f"--search-space: pooling {value!r} is not one of {', '.join(POOLINGS)}")
+    for value in _spec_values(space["optimizer"]):
+        if value not in OPTIMIZERS:
+            raise UserError(f"--search-space: optimizer {value!r} is not one of {', '.join(OPTIMIZERS)}")
+    for value in _spec_values(space["finetune_depth"]):
+        if not isinstance(value, int) or not 0 <= value <= num_blocks:
+            raise UserError(f"--search-space: finetune_depth {value!r} must be an integer from 0 to "
+                            f"{num_blocks} (the backbone's blocks)")
+    for value in _spec_values(space["dense_layers"]):
+        if not isinstance(value, int) or not 0 <= value <= 2:
+            raise UserError(f"--search-space: dense_layers {value!r} must be 0, 1 or 2")
+    for name, spec in space.items():
+        if "min" in spec and spec["min"] > spec["max"]:
+            raise UserError(f"--search-space: {name!r} has min {spec['min']} above max {spec['max']}")
+
+
+def declare(hp: kt.HyperParameters, name: str, spec: dict):
+    """Register one hyperparameter from its spec and return its value for this trial."""
+    if "value" in spec:
+        return hp.Fixed(name, spec["value"])
+    if "values" in spec:
+        values = list(spec["values"])
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numbers) == len(values) and any(isinstance(v, float) for v in values):
+            values = [float(v) for v in values]
+        if len(values) == 1:
+            return hp.Fixed(name, values[0])
+        if all(isinstance(v, bool) for v in values) and sorted(values) == [False, True]:
+            return hp.Boolean(name, default=values[0])
+        return hp.Choice(name, values, default=values[0])
+    if name in _INT_NAMES:
+        if spec["min"] == spec["max"]:
+            return hp.Fixed(name, int(spec["min"]))
+        return hp.Int(name, int(spec["min"]), int(spec["max"]), step=int(spec.get("step", 1)),
+                      default=int(spec["min"]))
+    if spec["min"] == spec["max"]:
+        return hp.Fixed(name, float(spec["min"]))
+    return hp.Float(name, float(spec["min"]), float(spec["max"]), step=spec.get("step"),
+                    sampling=spec.get("sampling", "linear"))
+
+
+def _values_above(spec: dict, threshold: int) -> list:
+    values = _spec_values(spec) if "min" not in spec else list(range(int(spec["min"]), int(spec["max"]) + 1))
+    return [v for v in values if v > threshold]
+
+
+@keras.saving.register_keras_serializable(package="trainer")
+class BackbonePreprocess(keras.layers.Layer):
+    """The preprocessing a backbone's ImageNet weights expect, as part of the model.
+
+    ``tf``: ``x / 127.5 - 1``; ``caffe``: RGB to BGR minus the ImageNet means;
+    ``torch``: ``(x / 255 - mean) / std``; ``none``: the backbone does its own.
+    Input: float ``[B, H, W, 3]`` in [0, 255], RGB.
+    """
+
+    def __init__(self, mode: str = "tf", **kwargs):
+        super().__init__(**kwargs)
+        self.mode = mode
+
+    def call(self, images):
+        from keras import ops
+
+        from trainer.backbones import IMAGENET_MEAN_RGB, TORCH_MEAN, TORCH_STD
+
+        images = ops.cast(images, self.compute_dtype)
+        if self.mode == "tf":
+            return images / 127.5 - 1.0
+        if self.mode == "caffe":
+            bgr = ops.flip(images, axis=-1)
+            return bgr - ops.convert_to_tensor(IMAGENET_MEAN_RGB[::-1], dtype=self.compute_dtype)
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor([m * 255.0 for m in TORCH_MEAN], dtype=self.compute_dtype)
+            std = ops.convert_to_tensor([s * 255.0 for s in TORCH_STD], dtype=self.compute_dtype)
+            return (images - mean) / std
+        return images
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def set_finetune_depth(backbone_model: keras.Model, backbone: Backbone, depth: int) -> int:
+    """Unfreeze the top ``depth`` blocks (all when ``depth`` covers them); BN layers stay frozen.
+
+    Returns the number of layers made trainable.
+    """
+    blocks = backbone.blocks(backbone_model)
+    backbone_model.trainable = True
+    for layer in backbone_model.layers:
+        layer.trainable = False
+    if depth >= len(blocks):
+        chosen = [layer for layer in backbone_model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    else:
+        chosen = [layer for block in blocks[len(blocks) - depth:] for layer in block] if depth > 0 else []
+    count = 0
+    for layer in chosen:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        layer.trainable = True
+        count += 1
+    if count == 0:
+        backbone_model.trainable = False
+    return count
+
+
+def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9):
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
+    return keras.optimizers.Adam(learning_rate=learning_rate)
+
+
+class TrialInputs:
+    """The data a trial trains on: cached bottleneck features and image batches.
+
+    ``features(split)`` and ``images(split, augment)`` return fresh tf.data
+    datasets of ``(x, labels)``; ``class_weight`` is a dict or None.
+    """
+
+    def __init__(self, features: Callable, images: Callable, class_weight: dict | None = None):
+        self.features = features
+        self.images = images
+        self.class_weight = class_weight
+
+
+class TransferHyperModel(kt.HyperModel):
+    """Head + fine-tune depth search over one backbone (see the module docstring)."""
+
+    def __init__(self, backbone: Backbone, weights_path: str | None, image_size: tuple[int, int],
+                 num_classes: int, space: dict[str, dict], inputs: TrialInputs | None = None, *,
+                 epochs: int = 10, patience: int = 3, strategy=None, verbose: int = 0):
+        super().__init__(name=f"transfer_{backbone.name}", tunable=True)
+        self.backbone = backbone
+        self.weights_path = weights_path
+        self.image_size = tuple(image_size)
+        self.num_classes = num_classes
+        self.space = space
+        self.inputs = inputs
+        self.epochs = epochs
+        self.patience = patience
+        self.strategy = strategy
+        self.verbose = verbose
+        self.last_history: dict[str, dict] = {}
+
+    # -- building -------------------------------------------------------------------------------
+
+    def build_backbone(self) -> keras.Model:
+        model = self.backbone.build(self.image_size, self.weights_path)
+        model.trainable = False
+        return model
+
+    def build_head(self, hp: kt.HyperParameters, feature_shape) -> keras.Model:
+        space = self.space
+        pooling = declare(hp, "pooling", space["pooling"])
+        batchnorm = declare(hp, "head_batchnorm", space["head_batchnorm"])
+        dense_layers = declare(hp, "dense_layers", space["dense_layers"])
+        dropout = declare(hp, "dropout", space["dropout"])
+        l2 = declare(hp, "l2", space["l2"])
+        regularizer = keras.regularizers.L2(l2) if l2 else None
+        features = keras.Input(shape=tuple(feature_shape), name="features")
+        if pooling == "avg":
+            x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+        elif pooling == "max":
+            x = keras.layers.GlobalMaxPooling2D(name="pool")(features)
+        else:
+            x = keras.layers.Flatten(name="pool")(features)
+        if batchnorm:
+            x = keras.layers.BatchNormalization(name="head_bn")(x)
+        for i in (1, 2):
+            allowed = _values_above(space["dense_layers"], i - 1)
+            if not allowed:
+                continue
+            with hp.conditional_scope("dense_layers", allowed):
+                if dense_layers >= i:
+                    units = declare(hp, f"dense_units_{i}", space[f"dense_units_{i}"])
+                    x = keras.layers.Dense(units, activation="relu", kernel_regularizer=regularizer,
+                                           name=f"dense_{i}")(x)
+                    if dropout:
+                        x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
+        if dropout and dense_layers == 0:
+            x = keras.layers.Dropout(dropout, name="dropout")(x)
+        logits = keras.layers.Dense(self.num_classes, kernel_regularizer=regularizer, name="logits")(x)
+        outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
+        return keras.Model(features, outputs, name="head")
+
+    def build(self, hp: kt.HyperParameters) -> keras.Model:
+        """The full classifier: float32 ``[None, H, W, 3]`` in [0, 255] -> softmax ``[None, C]`` float32."""
+        backbone_model = self.build_backbone()
+        head = self.build_head(hp, backbone_model.output.shape[1:])
+        optimizer = declare(hp, "optimizer", self.space["optimizer"])
+        if "sgd" in _spec_values(self.space["optimizer"]):
+            with hp.conditional_scope("optimizer", ["sgd"]):
+                if optimizer == "sgd":
+                    declare(hp, "momentum", self.space["momentum"])
+        declare(hp, "head_learning_rate", self.space["head_learning_rate"])
+        depth = declare(hp, "finetune_depth", self.space["finetune_depth"])
+        deeper = _values_above(self.space["finetune_depth"], 0)
+        if deeper:
+            with hp.conditional_scope("finetune_depth", deeper):
+                if depth > 0:
+                    declare(hp, "finetune_learning_rate", self.space["finetune_learning_rate"])
+        inputs = keras.Input(shape=(*self.image_size, 3), name="image")
+        x = BackbonePreprocess(self.backbone.preprocess, name="backbone_preprocess")(inputs)
+        x = backbone_model(x, training=False)
+        outputs = head(x)
+        return keras.Model(inputs, outputs, name=f"{self.backbone.name}_classifier")
+
+    # -- training -------------------------------------------------------------------------------
+
+    def fit(self, hp: kt.HyperParameters, model: keras.Model, *args, callbacks=None, epochs=None,
+            initial_epoch: int = 0, **kwargs) -> dict[str, float]:
+        """Train ``model`` in two phases (see the module docstring); return the validation metrics."""
+        import tensorflow as tf
+
+        if self.inputs is None:
+            raise kt.errors.FatalError("TransferHyperModel.fit needs TrialInputs")
+        callbacks = list(callbacks or [])
+        checkpoints = [cb for cb in callbacks if type(cb).__name__ == "SaveBestEpoch"]
+        callbacks = [cb for cb in callbacks if cb not in checkpoints]
+        once = [cb for cb in callbacks if type(cb).__module__.startswith("tensorboard.plugins.hparams")]
+        callbacks = [cb for cb in callbacks if cb not in once]
+        budget = max(1, int(epochs or self.epochs) - int(initial_epoch or 0))
+        warm = "tuner/trial_id" in hp.values
+        depth = hp.get("finetune_depth")
+        backbone_model = _find_backbone(model)
+        head = model.get_layer("head")
+        try:
+            with _scope(self.strategy):
+                self.last_history = {}
+                result = None
+                if not (warm and depth > 0):
+                    head.compile(optimizer=self._optimizer(hp, hp.get("head_learning_rate")),
+                                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                    history = head.fit(self.inputs.features("train"), validation_data=self.inputs.features("validation"),
+                                       epochs=budget, callbacks=self._callbacks(callbacks + (once if depth == 0 else [])),
+                                       class_weight=self.inputs.class_weight, shuffle=False, verbose=self.verbose)
+                    self.last_history["phase1"] = _check_history(history.history, "head")
+                    result = _best(history.history)
+                if depth > 0:
+                    set_finetune_depth(backbone_model, self.backbone, depth)
+                    model.compile(optimizer=self._optimizer(hp, hp.get("finetune_learning_rate")),
+                                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                    start = len(self.last_history.get("phase1", {}).get("loss", []))
+                    history = model.fit(self.inputs.images("train", augment=True),
+                                        validation_data=self.inputs.images("validation", augment=False),
+                                        initial_epoch=start, epochs=start + budget,
+                                        callbacks=self._callbacks(callbacks + once),
+                                        class_weight=self.inputs.class_weight, shuffle=False, verbose=self.verbose)
+                    self.last_history["phase2"] = _check_history(history.history, "fine-tune")
+                    result = _best(history.history)
+        except tf.errors.ResourceExhaustedError as error:
+            raise kt.errors.FailedTrialError(f"out of memory: {str(error).splitlines()[0][:200]}") from None
+        for checkpoint in checkpoints:
+            model.save_weights(checkpoint.filepath)
+        return result
+
+    def _optimizer(self, hp, learning_rate):
+        name = hp.get("optimizer")
+        momentum = hp.get("momentum") if name == "sgd" and hp.is_active("momentum") else 0.9
+        return make_optimizer(name, learning_rate, momentum)
+
+    def _callbacks(self, callbacks: list) -> list:
+        return [keras.callbacks.TerminateOnNaN(),
+                keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience,
+                                              restore_best_weights=True),
+                *callbacks]
+
+
+def _find_backbone(model: keras.Model) -> keras.Model:
+    for layer in model.layers:
+        if isinstance(layer, keras.Model) and layer.name != "head":
+            return layer
+    raise ValueError("model has no nested backbone")
+
+
+def _check_history(history: dict, phase: str) -> dict:
+    losses = history.get("loss", [])
+    if not losses or any(not math.isfinite(v) for v in losses):
+        raise kt.errors.FailedTrialError(f"{phase} loss became NaN or infinite")
+    return {k: [float(v) for v in vals] for k, vals in history.items()}
+
+
+def _best(history: dict) -> dict[str, float]:
+    """The validation metrics of the epoch EarlyStopping restored (lowest val_loss)."""
+    losses = history["val_loss"]
+    best = min(range(len(losses)), key=lambda i: losses[i] if math.isfinite(losses[i]) else math.inf)
+    return {"val_loss": float(losses[best]), "val_accuracy": float(history["val_accuracy"][best]),
+            "accuracy": float(history["accuracy"][best]), "loss": float(history["loss"][best])}
+
+
+class _scope:
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self.context = None
+
+    def __enter__(self):
+        if self.strategy is not None:
+            self.context = self.strategy.scope()
+            self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any):
+        if self.context is not None:
+            return self.context.__exit__(*exc)
+        return False

@@ -1,0 +1,180 @@
+"""Creating, resuming and running the Keras Tuner search.
+
+The tuner project lives in ``JOB/tuner/``. Keras Tuner reloads it when it
+exists, which is how an interrupted search resumes; but it would also silently
+keep an old search space or tuner when the command changed. So the settings
+that define a search are written to ``JOB/tuner/search.json`` and compared on
+every start: a different search is refused (``--overwrite`` starts afresh),
+the same one resumes. ``--max-trials`` may change between runs (to extend a
+finished search).
+
+Failed trials (NaN loss, out of memory) are Keras Tuner's ``FAILED`` trials:
+recorded, and the search goes on (it stops after 3 failures in a row). Memory
+is released between trials by Keras Tuner (``clear_session`` + ``gc``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import keras_tuner as kt
+
+from trainer.config import TrainConfig, UserError
+
+log = logging.getLogger("trainer.search")
+
+SEARCH_FILE = "search.json"
+OBJECTIVE = kt.Objective("val_accuracy", direction="max")
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+def _tuner_classes() -> dict:
+    return {"hyperband": kt.Hyperband, "bayesian": kt.BayesianOptimization, "random": kt.RandomSearch,
+            "grid": kt.GridSearch}
+
+
+class _ProgressMixin:
+    """Logs trial n of N, its hyperparameters, its score and the time left."""
+
+    _trial_started = 0.0
+    _durations: list
+
+    def on_trial_begin(self, trial):
+        super().on_trial_begin(trial)
+        self._trial_started = time.perf_counter()
+        total = self.oracle.max_trials or "?"
+        values = ", ".join(f"{k}={_short(v)}" for k, v in trial.hyperparameters.values.items()
+                           if not k.startswith("tuner/"))
+        log.info("trial %s of %s starting: %s", len(self.oracle.trials), total, values)
+
+    def on_trial_end(self, trial):
+        super().on_trial_end(trial)
+        took = time.perf_counter() - self._trial_started
+        if not hasattr(self, "_durations"):
+            self._durations = []
+        self._durations.append(took)
+        done = len(self.oracle.trials)
+        total = self.oracle.max_trials
+        left = ""
+        if total:
+            remaining = max(0, total - done) * sum(self._durations) / len(self._durations)
+            left = f"; about {_duration(remaining)} left for {max(0, total - done)} more"
+        status = getattr(trial.status, "value", trial.status)
+        score = self.oracle.get_trial(trial.trial_id).score if status == "COMPLETED" else None
+        if score is None:
+            message = (getattr(trial, "message", None) or "").strip().splitlines()
+            log.warning("trial %s of %s %s after %s%s%s", done, total or "?", str(status).lower(), _duration(took),
+                        f" ({message[-1][:200]})" if message else "", left)
+        else:
+            log.info("trial %s of %s done in %s: val_accuracy %.4f%s", done, total or "?", _duration(took), score,
+                     left)
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def search_identity(config: TrainConfig, space: dict, image_size, weights_id: str) -> dict:
+    """The settings that define a search: a resume must match all of them."""
+    return {
+        "tuner": config.tuner,
+        "backbone": config.backbone,
+        "weights": weights_id,
+        "image_size": list(image_size),
+        "search_space": space,
+        "epochs": config.epochs,
+        "seed": config.seed,
+        "objective": OBJECTIVE.name,
+        "data_dir": config.data_dir,
+    }
+
+
+def prepare_project(config: TrainConfig, identity: dict) -> str:
+    """Refuse a changed search, or clear the project with ``--overwrite``; return "resume" or "fresh"."""
+    import tensorflow as tf
+
+    project = config.tuner_dir
+    record = os.path.join(project, SEARCH_FILE)
+    if config.overwrite and tf.io.gfile.exists(project):
+        tf.io.gfile.rmtree(project)
+        log.info("--overwrite: removed the previous search in %s; starting afresh", project)
+        return "fresh"
+    if not tf.io.gfile.exists(project) or not tf.io.gfile.listdir(project):
+        return "fresh"
+    if not tf.io.gfile.exists(record):
+        raise UserError(f"--job-dir {config.job_dir}: {project} holds a search this trainer did not record; "
+                        "pass --overwrite to start afresh")
+    with tf.io.gfile.GFile(record) as handle:
+        previous = json.load(handle)
+    changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+    if changed:
+        raise UserError(f"--job-dir {config.job_dir}: holds a search with different {', '.join(changed)}; "
+                        "re-run with the same settings to resume, or pass --overwrite to start afresh")
+    return "resume"
+
+
+def record_identity(config: TrainConfig, identity: dict) -> None:
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(config.tuner_dir)
+    with tf.io.gfile.GFile(os.path.join(config.tuner_dir, SEARCH_FILE), "w") as handle:
+        json.dump(identity, handle, indent=2, sort_keys=True)
+
+
+def create_tuner(hypermodel, config: TrainConfig, strategy=None):
+    """The configured Keras Tuner (reloading ``JOB/tuner`` when it exists)."""
+    base = _tuner_classes()[config.tuner]
+    cls = type(f"{base.__name__}WithProgress", (_ProgressMixin, base), {})
+    common = dict(objective=OBJECTIVE, seed=config.seed, directory=config.job_dir, project_name="tuner",
+                  overwrite=False, distribution_strategy=strategy,
+                  max_consecutive_failed_trials=MAX_CONSECUTIVE_FAILURES)
+    try:
+        if config.tuner == "hyperband":
+            tuner = cls(hypermodel, max_epochs=max(2, config.epochs), factor=3, **common)
+        else:
+            tuner = cls(hypermodel, max_trials=config.max_trials, **common)
+    except ImportError as error:
+        raise UserError(f"--tuner {config.tuner}: {str(error).splitlines()[0][:200]}") from None
+    except (ValueError, TypeError) as error:
+        raise UserError(f"--search-space: {str(error).splitlines()[0][:200]}") from None
+    tuner.oracle.max_trials = config.max_trials
+    return tuner
+
+
+def run_search(tuner, config: TrainConfig, callbacks: list) -> None:
+    """Run (or resume) the search; a search that cannot go on is a one-line :class:`UserError`."""
+    try:
+        tuner.search(epochs=config.epochs, callbacks=callbacks, verbose=0)
+    except RuntimeError as error:
+        if "consecutive failures" in str(error) or "failed" in str(error).lower():
+            raise UserError(f"the search stopped: {MAX_CONSECUTIVE_FAILURES} trials in a row failed "
+                            f"(see {config.tuner_dir}/trials.json)") from None
+        raise
+
+
+def trial_counts(oracle) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in oracle.trials.values():
+        status = str(getattr(trial.status, "value", trial.status))
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def best_trial(oracle):
+    trials = oracle.get_best_trials(1)
+    if not trials or trials[0].score is None:
+        raise UserError("the search finished without a successful trial (every trial failed); "
+                        "see the trials table in JOB/tuner")
+    return trials[0]

@@ -1,0 +1,231 @@
+"""The whole trainer run: check inputs, search, retrain the best, evaluate, gate, export.
+
+:func:`run` is what ``python -m trainer`` does (see :mod:`trainer.cli`); it
+writes the job folder of docs/contracts.md section 3 and returns a summary
+dict. Every user mistake surfaces as :class:`trainer.config.UserError` before
+any long computation starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from trainer.config import TrainConfig, UserError
+
+log = logging.getLogger("trainer")
+
+CHECK_IMAGES = 16
+
+
+def check_job_dir(job_dir: str) -> None:
+    """Fail at once (not after an hour of search) when the job folder cannot be written."""
+    import tensorflow as tf
+
+    probe = os.path.join(job_dir, f".write-probe-{os.getpid()}")
+    try:
+        tf.io.gfile.makedirs(job_dir)
+        with tf.io.gfile.GFile(probe, "w") as handle:
+            handle.write("ok")
+        tf.io.gfile.remove(probe)
+    except (tf.errors.OpError, OSError) as error:
+        reason = getattr(error, "message", None) or getattr(error, "strerror", None) or str(error)
+        raise UserError(f"--job-dir {job_dir}: cannot write there ({str(reason).splitlines()[0][:160]})") from None
+
+
+def _write_json(path: str, value) -> None:
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    with tf.io.gfile.GFile(path, "w") as handle:
+        json.dump(value, handle, indent=2, sort_keys=True, default=str)
+
+
+def _weights_id(weights: str, weights_path: str | None) -> str:
+    if weights.lower() in ("imagenet", "none"):
+        return weights.lower()
+    return os.path.abspath(weights) if "://" not in weights else weights
+
+
+def run(config: TrainConfig, placement=None) -> dict:
+    """Run the trainer end to end; see the module docstring."""
+    import keras
+    import tensorflow as tf
+
+    from trainer import backbones, bottleneck, data, distribute, hypermodel, search
+    from trainer.augment import build_augmenter
+
+    started = time.perf_counter()
+    role = distribute.tuning_role()
+    backbone = backbones.get_backbone(config.backbone)
+    image_size = tuple(config.image_size or (backbone.default_size, backbone.default_size))
+    backbones.check_image_size(backbone, image_size)
+    info = data.inspect_data(config.data_dir, config.validation_fraction)
+    check_job_dir(config.job_dir)
+    log.info("data %s: %d classes; %s", config.data_dir, info.num_classes, data.describe_counts(info))
+    if placement is None:
+        placement = distribute.configure("auto", config.mixed_precision)
+    log.info("running on %s; mixed precision %s", placement.description, "on" if placement.mixed_precision else "off")
+
+    weights_path = backbones.resolve_weights(config.weights, backbone)
+    if weights_path is None:
+        weights_path = bottleneck.materialize_random_weights(backbone, image_size, config.feature_cache_dir,
+                                                             config.seed)
+        log.info("--weights none: a seeded random initialisation (%s)", weights_path)
+    probe = backbone.build(image_size, weights_path)
+    num_blocks = len(backbone.blocks(probe))
+    feature_shape = tuple(int(d) for d in probe.output.shape[1:])
+    del probe
+    keras.backend.clear_session()
+    log.info("backbone %s at %dx%d: %d blocks, features %s", backbone.name, image_size[0], image_size[1],
+             num_blocks, "x".join(map(str, feature_shape)))
+
+    space = hypermodel.resolve_space(hypermodel.load_search_space(config.search_space),
+                                     num_blocks=num_blocks, num_train=info.size("train"))
+    identity = search.search_identity(config, space, image_size, _weights_id(config.weights, weights_path))
+    mode = search.prepare_project(config, identity) if role != "worker" else "worker"
+    log.info("search: %s (%s tuner, up to %d trials, %d epochs per phase) in %s",
+             {"resume": "resuming the previous search", "fresh": "starting afresh",
+              "worker": "worker of a distributed search"}[mode],
+             config.tuner, config.max_trials, config.epochs, config.tuner_dir)
+
+    weights = data.class_weights(info) if config.class_weights else None
+    if weights:
+        log.info("class weights: %s", ", ".join(f"{info.labels[i]}={w:.2f}" for i, w in weights.items()))
+    batch = config.batch_size * placement.replicas
+    cache = bottleneck.FeatureCache(config.feature_cache_dir, backbone, weights_path, image_size, info)
+    augmenter = build_augmenter(config.augment, config.seed)
+
+    def images(split, augment=False):
+        return data.image_dataset(info, split, image_size, batch, shuffle=(split == "train"), seed=config.seed,
+                                  augmenter=augmenter if augment else None, cache=config.cache_images)
+
+    def features(split):
+        return cache.dataset(split, batch, shuffle=(split == "train"), seed=config.seed)
+
+    inputs = hypermodel.TrialInputs(features, images, weights)
+    model_builder = hypermodel.TransferHyperModel(
+        backbone, weights_path, image_size, info.num_classes, space, inputs, epochs=config.epochs,
+        patience=config.early_stopping_patience, strategy=placement.strategy)
+    if role != "chief":
+        cache.ensure()
+    tuner = search.create_tuner(model_builder, config, placement.strategy)
+    if role != "worker":
+        search.record_identity(config, identity)
+    callbacks = [keras.callbacks.TensorBoard(log_dir=os.path.join(config.tensorboard_dir, "search"))]
+    search.run_search(tuner, config, callbacks)
+    counts = search.trial_counts(tuner.oracle)
+    log.info("search finished: %s", ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
+    if role == "worker":
+        return {"role": "worker", "trials": counts}
+
+    _trials_table(tuner, config)
+    best = search.best_trial(tuner.oracle)
+    best_values = {k: v for k, v in best.hyperparameters.values.items() if not k.startswith("tuner/")}
+    _write_json(os.path.join(config.job_dir, "best_hyperparameters.json"),
+                {"trial_id": best.trial_id, "score": best.score, "objective": search.OBJECTIVE.name,
+                 "values": best_values, "backbone": backbone.name, "image_size": list(image_size)})
+    log.info("best trial %s: val_accuracy %.4f with %s", best.trial_id, best.score, best_values)
+
+    cache.ensure()
+    model, history = retrain(model_builder, best.hyperparameters, config)
+    summary = {"role": role, "trials": counts, "best_trial": best.trial_id, "best_score": best.score,
+               "best_hyperparameters": best_values, "search_mode": mode}
+    summary.update(_evaluate_gate_export(model, history, info, image_size, backbone.name, best_values, config))
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    _write_json(os.path.join(config.job_dir, "summary.json"), summary)
+    return summary
+
+
+def retrain(model_builder, hyperparameters, config: TrainConfig):
+    """Train a fresh model with the best hyperparameters (same two phases); return it and its history."""
+    import keras
+
+    keras.backend.clear_session()
+    epochs = config.final_epochs or config.epochs
+    log.info("retraining the best hyperparameters (%d epochs per phase)", epochs)
+    values = hyperparameters.copy()
+    for key in [k for k in values.values if k.startswith("tuner/")]:
+        values.values.pop(key)
+    model = model_builder.build(values)
+    board = keras.callbacks.TensorBoard(log_dir=os.path.join(config.tensorboard_dir, "final"))
+    model_builder.fit(values, model, epochs=epochs, callbacks=[board])
+    return model, dict(model_builder.last_history)
+
+
+def _trials_table(tuner, config: TrainConfig) -> None:
+    try:
+        from trainer.reports import write_trials_table
+    except ImportError:
+        log.warning("trainer.reports is not available: no trials table written")
+        return
+    write_trials_table(tuner.oracle, config.tuner_dir)
+
+
+def _evaluate_gate_export(model, history, info, image_size, backbone_name, best_values, config) -> dict:
+    from trainer import data
+
+    split = info.eval_split
+    if split != "test":
+        log.warning("no test split in %s: evaluating and gating on the validation split", config.data_dir)
+    dataset = data.image_dataset(info, split, image_size, config.batch_size)
+    result: dict = {"eval_split": split}
+    try:
+        from trainer.evaluate import evaluate_model
+    except ImportError:
+        evaluate_model = None
+    if evaluate_model is not None:
+        metrics = evaluate_model(model, dataset, info.labels, config.eval_dir, history=history, top_k=config.top_k)
+    else:
+        values = model.evaluate(dataset, verbose=0, return_dict=True)
+        metrics = {"accuracy": float(values["accuracy"])}
+        _write_json(os.path.join(config.eval_dir, "metrics.json"), metrics)
+    result["accuracy"] = float(metrics["accuracy"])
+    log.info("%s accuracy of the retrained model: %.4f (%s)", split, result["accuracy"], config.eval_dir)
+    if not config.export:
+        return result
+
+    images, labels = data.encoded_examples(info, split)
+    publish, reason = _gate(result["accuracy"], images, labels, config)
+    result["published"] = publish
+    result["gate"] = reason
+    if not publish:
+        log.warning("not published: %s", reason)
+        return result
+    from trainer.export import ExportError, export_model
+
+    metadata = {"backbone": backbone_name, "hyperparameters": best_values, "metrics": {"accuracy": result["accuracy"]},
+                "eval_split": split, "data": {"dir": config.data_dir, "counts": info.counts, "labels": info.labels}}
+    try:
+        exported = export_model(model, config.export_dir, labels=info.labels, image_size=image_size,
+                                resize_mode=info.resize_mode, check_images=images[:CHECK_IMAGES], metadata=metadata)
+    except ExportError as error:
+        raise UserError(f"export to {config.export_dir} failed: {error}") from None
+    result["export_version"] = exported.version
+    result["export_path"] = exported.path
+    log.info("published version %d at %s (max |diff| vs Keras %.2g)", exported.version, exported.path,
+             exported.max_abs_diff)
+    return result
+
+
+def _gate(score: float, images, labels, config: TrainConfig) -> tuple[bool, str]:
+    out_path = os.path.join(config.job_dir, "gate.json")
+    try:
+        from trainer.gate import decide
+    except ImportError:
+        decide = None
+    if decide is not None:
+        decision = decide(score, config.export_dir, images, labels, min_accuracy=config.min_accuracy,
+                          force=config.force, out_path=out_path)
+        log.info("gate: %s (new %.4f, previous %s)", decision.reason, decision.new_score,
+                 "none" if decision.previous_score is None else f"{decision.previous_score:.4f}")
+        return decision.publish, decision.reason
+    if score < config.min_accuracy and not config.force:
+        reason = f"accuracy {score:.4f} is below --min-accuracy {config.min_accuracy}"
+    else:
+        reason = f"accuracy {score:.4f} passes --min-accuracy {config.min_accuracy} (no comparison: gate not available)"
+    publish = score >= config.min_accuracy or config.force
+    _write_json(out_path, {"publish": publish, "reason": reason, "new_score": score})
+    return publish, reason
