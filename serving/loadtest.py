@@ -83,8 +83,11 @@ def percentiles(latencies_s: Sequence[float]) -> dict[str, float]:
             "p99": float(np.percentile(ms, 99)), "max": float(ms.max()), "mean": float(ms.mean())}
 
 
-def run_load(images: Sequence[bytes], config: LoadTestConfig) -> LoadTestResult:
-    """Run the load test with the given encoded images; see the module docstring."""
+def run_load(images: Sequence[bytes], config: LoadTestConfig, stop: threading.Event | None = None) -> LoadTestResult:
+    """Run the load test with the given encoded images; see the module docstring.
+
+    ``stop``, when set by another thread, ends the run early (requests in flight finish).
+    """
     from serving.client import ClientOptions, PredictionClient, ServingClientError
 
     if not images:
@@ -108,7 +111,7 @@ def run_load(images: Sequence[bytes], config: LoadTestConfig) -> LoadTestResult:
             n = index
             while True:
                 with lock:
-                    if issued >= config.requests or time.perf_counter() >= deadline:
+                    if issued >= config.requests or time.perf_counter() >= deadline or (stop and stop.is_set()):
                         return
                     issued += 1
                 t0 = time.perf_counter()
@@ -135,7 +138,7 @@ def run_load(images: Sequence[bytes], config: LoadTestConfig) -> LoadTestResult:
         requests=issued, ok=ok, errors=dict(errors), elapsed_s=elapsed,
         requests_per_s=issued / elapsed if elapsed else 0.0, images_per_s=ok * config.batch / elapsed if elapsed else 0.0,
         latency_ms=percentiles(latencies), versions=dict(versions),
-        stopped_by="requests" if issued >= config.requests else "duration")
+        stopped_by="requests" if issued >= config.requests else ("stop" if stop and stop.is_set() else "duration"))
 
 
 def build_parser() -> argparse.ArgumentParser:

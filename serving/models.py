@@ -345,14 +345,16 @@ class ModelManager:
         for version, mtime in list(self._failed.items()):
             if version not in found or self._mtime(found[version]) != mtime:
                 self._failed.pop(version)
-        candidates = [v for v in found if v not in self._failed]
-        desired = self.policy.select(candidates)
         changed = False
-        for version in sorted(set(desired) - set(self.available_versions()), reverse=True):
-            if self._stop.is_set():
-                return changed
-            self._load(version, found[version])
-            changed = True
+        while True:  # a version that fails to load drops out, and the policy chooses again
+            candidates = [v for v in found if v not in self._failed]
+            desired = self.policy.select(candidates)
+            missing = sorted(set(desired) - set(self.available_versions()), reverse=True)
+            if not missing or self._stop.is_set():
+                break
+            for version in missing:
+                self._load(version, found[version])
+                changed = True
         if not found and not self._warned_empty:
             log.warning("no versions of model %s found under %s yet (waiting for one)", self.name, self.base_path)
             self._warned_empty = True
