@@ -38,8 +38,9 @@ HEALTH_SERVICES = ("", "tensorflow.serving.PredictionService", "tensorflow.servi
 class ServerConfig:
     """Options of the development server; defaults follow TF Serving's where it has one."""
 
-    model_base_path: str
+    model_base_path: str  # "" takes base_path from model_config_file
     model_name: str = "classifier"
+    model_config_file: str | None = None  # TF Serving's models.config: base path, version policy, labels
     host: str = "127.0.0.1"
     port: int = 8500  # 0 picks a free port
     rest_port: int = 8501  # 0 picks a free port; -1 turns REST (and metrics) off
@@ -56,6 +57,37 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     drain_seconds: float = 30.0
     warmup: bool = True
+
+    def model_settings(self) -> tuple[str, str, str, dict[str, int]]:
+        """(name, base path, version policy, labels): the flags, filled in from ``model_config_file``.
+
+        The config's entry named ``model_name`` (or its only entry) gives the
+        base path, the version policy and the labels; a non-empty
+        ``model_base_path`` overrides the config's path (which usually names a
+        container path such as ``/models/classifier``) and explicit labels win.
+        """
+        if not self.model_config_file:
+            return self.model_name, self.model_base_path, self.model_version_policy, dict(self.version_labels)
+        from google.protobuf import text_format
+        from tensorflow_serving.config import model_server_config_pb2
+
+        with open(self.model_config_file, encoding="utf-8") as handle:
+            parsed = text_format.Parse(handle.read(), model_server_config_pb2.ModelServerConfig())
+        configs = list(parsed.model_config_list.config)
+        chosen = [c for c in configs if c.name == self.model_name] or (configs if len(configs) == 1 else [])
+        if not chosen:
+            raise ValueError(f"{self.model_config_file} has no model named {self.model_name!r}")
+        model = chosen[0]
+        policy = self.model_version_policy
+        which = model.model_version_policy.WhichOneof("policy_choice")
+        if which == "latest":
+            policy = f"latest:{model.model_version_policy.latest.num_versions or 1}"
+        elif which == "all":
+            policy = "all"
+        elif which == "specific":
+            policy = "specific:" + ",".join(str(v) for v in model.model_version_policy.specific.versions)
+        labels = {**dict(model.version_labels), **self.version_labels}
+        return model.name, self.model_base_path or model.base_path, policy, labels
 
     def batching(self):
         """The BatchingConfig (file, then flags), or None when batching is off."""
@@ -189,9 +221,9 @@ class ModelServer:
                 for service in HEALTH_SERVICES:
                     self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
+        name, base_path, policy, labels = cfg.model_settings()
         self.manager = ModelManager(
-            name=cfg.model_name, base_path=cfg.model_base_path,
-            policy=VersionPolicy.parse(cfg.model_version_policy), labels=dict(cfg.version_labels),
+            name=name, base_path=base_path, policy=VersionPolicy.parse(policy), labels=labels,
             poll_seconds=cfg.file_system_poll_wait_seconds, warmup=cfg.warmup, on_change=on_change)
         self.core = ServingCore(self.manager, self.metrics, cfg.batching())
         self.manager.start()
@@ -220,10 +252,9 @@ class ModelServer:
         versions = self.manager.available_versions()
         where = f"{cfg.host}:{self.port} (gRPC)" + (f", {cfg.host}:{self.rest_port} (REST)" if self._rest else "")
         if versions:
-            log.info("serving model %s version %d on %s", cfg.model_name, versions[-1], where)
+            log.info("serving model %s version %d on %s", name, versions[-1], where)
         else:
-            log.info("listening on %s; no version of model %s yet, watching %s", where, cfg.model_name,
-                     cfg.model_base_path)
+            log.info("listening on %s; no version of model %s yet, watching %s", where, name, base_path)
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -266,7 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serving.server",
         description="Development server speaking TF Serving's gRPC and REST APIs over BASE/<version>/ SavedModels.")
-    p.add_argument("--model-base-path", required=True, help="folder holding numeric version folders (JOB/export)")
+    p.add_argument("--model-base-path", default="",
+                   help="folder holding numeric version folders (JOB/export); required without --model-config-file")
+    p.add_argument("--model-config-file",
+                   help="TF Serving models.config (e.g. serving/config/models.config): version policy, labels, "
+                        "and the base path unless --model-base-path is given")
     p.add_argument("--model-name", default=d.model_name, help="name clients ask for (default: %(default)s)")
     p.add_argument("--host", default=d.host, help="address to bind (default: %(default)s; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=d.port, help="gRPC port, 0 for any free (default: %(default)s)")
@@ -298,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
-        model_base_path=args.model_base_path, model_name=args.model_name, host=args.host, port=args.port,
+        model_base_path=args.model_base_path, model_name=args.model_name,
+        model_config_file=args.model_config_file, host=args.host, port=args.port,
         rest_port=args.rest_port, model_version_policy=args.model_version_policy,
         version_labels=dict(args.version_label), file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
         enable_batching=args.enable_batching or bool(args.batching_parameters_file),
@@ -311,9 +347,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 def _check(config: ServerConfig) -> None:
     from serving.models import VersionPolicy
 
-    if not os.path.isdir(config.model_base_path) and "://" not in config.model_base_path:
-        raise ValueError(f"--model-base-path {config.model_base_path} is not a folder")
-    VersionPolicy.parse(config.model_version_policy)
+    if config.model_config_file and not os.path.isfile(config.model_config_file):
+        raise ValueError(f"--model-config-file {config.model_config_file} not found")
+    if not config.model_base_path and not config.model_config_file:
+        raise ValueError("give --model-base-path (or a --model-config-file naming a base_path)")
+    _, base_path, policy, _ = config.model_settings()
+    if not os.path.isdir(base_path) and "://" not in base_path:
+        raise ValueError(f"model base path {base_path} is not a folder")
+    VersionPolicy.parse(policy)
     if config.batching_parameters_file and not os.path.isfile(config.batching_parameters_file):
         raise ValueError(f"--batching-parameters-file {config.batching_parameters_file} not found")
     config.batching()
