@@ -304,8 +304,11 @@ class PredictionClient:
             time.sleep(0.2)
         raise TimeoutError(f"{self.target} did not serve model {self.model_name} within {timeout:.0f}s ({last})")
 
-    def _resolve_io(self) -> tuple[str, str, str | None]:
-        """(image input, probabilities output, label output or None) of the signature, from metadata."""
+    def resolve_signature(self) -> tuple[str, str, str | None]:
+        """(image input, probabilities output, label output or None) of the signature, from metadata.
+
+        Asked once per client and cached; ``predict`` calls it on first use.
+        """
         if self._io is not None:
             return self._io
         meta = self.metadata()
@@ -333,7 +336,7 @@ class PredictionClient:
 
         from serving import tensors
 
-        image_input, probs, label_output = self._resolve_io()
+        image_input, probs, label_output = self.resolve_signature()
         request = predict_pb2.PredictRequest()
         self._model_spec(request.model_spec)
         request.inputs[image_input].dtype = tensors.DT_STRING
@@ -347,7 +350,7 @@ class PredictionClient:
     def predict(self, images: Iterable[ImageInput]) -> list[Prediction]:
         """Classify images (paths or encoded bytes), ``batch_size`` per request, in order."""
         items = [read_image(item) for item in images]
-        _, probs_name, label_name = self._resolve_io()
+        _, probs_name, label_name = self.resolve_signature()
         known = self.options.labels
         results: list[Prediction] = []
         for start in range(0, len(items), self.options.batch_size):

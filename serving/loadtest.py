@@ -102,7 +102,7 @@ def run_load(images: Sequence[bytes], config: LoadTestConfig, stop: threading.Ev
     errors: Counter = Counter()
     versions: Counter = Counter()
     with PredictionClient(config.server, config.model, options) as client:
-        client.predict_bytes(batches[0])  # resolve the signature's names once, outside the timing
+        client.resolve_signature()  # read the signature's names once, outside the timing
         started = time.perf_counter()
         deadline = started + config.duration
 
