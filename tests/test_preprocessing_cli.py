@@ -1,0 +1,114 @@
+"""The command line: a real multi-process run with no network, one-line errors, staging and --overwrite."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from preprocessing import readback
+from preprocessing.cli import main
+from preprocessing.sample_data import SampleSpec, generate
+
+IN_PROCESS = ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
+
+
+def _two_classes(root, per_class=3):
+    for label in ("hat", "shoe"):
+        for index in range(per_class):
+            folder = root / label
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (20 + index, 20), (index * 40, 0 if label == "hat" else 200, 50)).save(folder / f"{index}.png")
+    return root
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("preprocessing: error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    return lines[0]
+
+
+def test_help_documents_the_options_and_beam_passthrough(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--input", "--output", "--image-size", "--resize-mode", "--image-format", "--jpeg-quality",
+                 "--split", "--max-pixels", "--num-shards", "--overwrite", "--runner DataflowRunner"):
+        assert flag in text
+
+
+def test_missing_input_is_a_one_line_error(tmp_path, capsys):
+    line = _one_line_error(capsys, ["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "d")])
+    assert "input not found" in line and str(tmp_path / "nope") in line
+
+
+def test_folder_without_images_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "in" / "hat").mkdir(parents=True)
+    (tmp_path / "in" / "README.md").write_text("no images here")
+    line = _one_line_error(capsys, ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "d")])
+    assert "no images found" in line
+
+
+def test_single_class_is_a_one_line_error(tmp_path, capsys):
+    root = _two_classes(tmp_path / "in")
+    shutil.rmtree(root / "shoe")
+    line = _one_line_error(capsys, ["--input", str(root), "--output", str(tmp_path / "d")])
+    assert "at least two class" in line and "'hat'" in line
+
+
+def test_bad_option_value_is_a_one_line_error(tmp_path, capsys):
+    root = _two_classes(tmp_path / "in")
+    line = _one_line_error(capsys, ["--input", str(root), "--output", str(tmp_path / "d"), "--image-size", "big"])
+    assert "--image-size" in line
+
+
+def test_input_with_only_broken_files_fails_and_leaves_no_output(tmp_path, capsys):
+    for label in ("hat", "shoe"):
+        (tmp_path / "in" / label).mkdir(parents=True)
+        (tmp_path / "in" / label / "x.jpg").write_text("text")
+    line = _one_line_error(capsys, ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "d"), *IN_PROCESS])
+    assert "no usable images" in line and "not an image" in line
+    assert sorted(os.listdir(tmp_path)) == ["in"]  # no output, no staging folder left behind
+
+
+def test_existing_output_is_refused_and_replaced_with_overwrite(tmp_path, capsys):
+    root = _two_classes(tmp_path / "in")
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "old.txt").write_text("from an earlier run")
+    line = _one_line_error(capsys, ["--input", str(root), "--output", str(out), *IN_PROCESS])
+    assert "already exists" in line and "--overwrite" in line
+    assert main(["--input", str(root), "--output", str(out), "--overwrite", "--image-size", "8", *IN_PROCESS]) == 0
+    assert not (out / "old.txt").exists()
+    assert readback.read_stats(str(out))["totals"]["written"] == 6
+    assert [p for p in os.listdir(tmp_path) if ".staging-" in p or ".old-" in p] == []
+
+
+def test_default_runner_uses_worker_processes_and_needs_no_network(tmp_path):
+    """The demo's command, in a network namespace with only loopback: no runner download, no hang.
+
+    (Loopback stays: the local runner talks to its worker processes over gRPC on localhost.)
+    """
+    offline = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']
+    if shutil.which("unshare") is None or subprocess.run([*offline, "true"]).returncode != 0:
+        pytest.skip("cannot create a network namespace here (needs unshare, ip and privileges)")
+    generate(str(tmp_path / "in"), SampleSpec(per_class=6, seed=3))
+    out = tmp_path / "data"
+    command = [*offline, sys.executable, "-m", "preprocessing", "--input", str(tmp_path / "in"),
+               "--output", str(out), "--image-size", "32", "--runner", "DirectRunner"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert "multi_processing" in stats["run"]["runner"]
+    assert stats["totals"] == {"found": 27, "written": 24, "rejected": 3, "duplicates": 0}
+    assert "3 rejected inputs are listed with their reasons in" in proc.stderr
+    assert {e["path"].rsplit("/", 1)[-1] for e in readback.read_errors(str(out))} == {
+        "broken_empty.jpg", "broken_truncated.jpg", "broken_not_an_image.jpg"}
