@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,12 +43,18 @@ class Backbone:
         constructor = getattr(keras.applications, self.app)
         model = constructor(include_top=False, weights=None, input_shape=(image_size[0], image_size[1], 3))
         if weights:
-            try:
-                model.load_weights(weights)
-            except Exception as error:  # noqa: BLE001 - any failure means "does not fit"
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    model.load_weights(weights)
+                    error_text = ""
+                except Exception as error:  # noqa: BLE001 - any failure means "does not fit"
+                    error_text = str(error).strip() or type(error).__name__
+            skipped = [str(w.message) for w in caught if "Skipping" in str(w.message) or "mismatch" in str(w.message)]
+            if error_text or skipped:
+                reason = (error_text or skipped[0]).splitlines()[0]
                 raise UserError(
-                    f"--weights {weights}: does not fit backbone {self.name!r} ({reason[:200]})") from None
+                    f"--weights {weights}: does not fit backbone {self.name!r} ({reason[:160]})") from None
         return model
 
     def block_of(self, layer_name: str) -> str | None:

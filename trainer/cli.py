@@ -139,12 +139,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         export=args.export)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (so redirecting it, as tests do, is honoured)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     root = logging.getLogger()
-    if not any(getattr(h, "_tlp", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
-        handler._tlp = True
         root.addHandler(handler)
     logging.getLogger("trainer").setLevel(logging.DEBUG if verbose else logging.INFO)
     if root.level > logging.INFO or root.level == logging.NOTSET:

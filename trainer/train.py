@@ -64,28 +64,29 @@ def run(config: TrainConfig, placement=None) -> dict:
     backbones.check_image_size(backbone, image_size)
     info = data.inspect_data(config.data_dir, config.validation_fraction)
     check_job_dir(config.job_dir)
-    log.info("data %s: %d classes; %s", config.data_dir, info.num_classes, data.describe_counts(info))
-    if placement is None:
-        placement = distribute.configure("auto", config.mixed_precision)
-    log.info("running on %s; mixed precision %s", placement.description, "on" if placement.mixed_precision else "off")
-
+    overrides = hypermodel.load_search_space(config.search_space)
     weights_path = backbones.resolve_weights(config.weights, backbone)
-    if weights_path is None:
+    random_init = weights_path is None
+    if random_init:
         weights_path = bottleneck.materialize_random_weights(backbone, image_size, config.feature_cache_dir,
                                                              config.seed)
-        log.info("--weights none: a seeded random initialisation (%s)", weights_path)
     probe = backbone.build(image_size, weights_path)
     num_blocks = len(backbone.blocks(probe))
     feature_shape = tuple(int(d) for d in probe.output.shape[1:])
     del probe
     keras.backend.clear_session()
-    log.info("backbone %s at %dx%d: %d blocks, features %s", backbone.name, image_size[0], image_size[1],
-             num_blocks, "x".join(map(str, feature_shape)))
-
-    space = hypermodel.resolve_space(hypermodel.load_search_space(config.search_space),
-                                     num_blocks=num_blocks, num_train=info.size("train"))
+    space = hypermodel.resolve_space(overrides, num_blocks=num_blocks, num_train=info.size("train"))
     identity = search.search_identity(config, space, image_size, _weights_id(config.weights, weights_path))
     mode = search.prepare_project(config, identity) if role != "worker" else "worker"
+    if placement is None:
+        placement = distribute.configure("auto", config.mixed_precision)
+
+    log.info("data %s: %d classes; %s", config.data_dir, info.num_classes, data.describe_counts(info))
+    log.info("running on %s; mixed precision %s", placement.description, "on" if placement.mixed_precision else "off")
+    if random_init:
+        log.info("--weights none: a seeded random initialisation (%s)", weights_path)
+    log.info("backbone %s at %dx%d: %d blocks, features %s", backbone.name, image_size[0], image_size[1],
+             num_blocks, "x".join(map(str, feature_shape)))
     log.info("search: %s (%s tuner, up to %d trials, %d epochs per phase) in %s",
              {"resume": "resuming the previous search", "fresh": "starting afresh",
               "worker": "worker of a distributed search"}[mode],

@@ -1,0 +1,49 @@
+"""Bottleneck features: computed once per backbone configuration, equal to the backbone's output, reused."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+
+from trainer import backbones, bottleneck, data
+from trainer.cli import main
+
+
+def test_cached_features_are_the_frozen_backbones_output(tfrecord_data, tmp_path):
+    info = data.inspect_data(str(tfrecord_data))
+    backbone = backbones.get_backbone("mobilenet_v2")
+    weights = bottleneck.materialize_random_weights(backbone, (32, 32), str(tmp_path), seed=0)
+    cache = bottleneck.FeatureCache(str(tmp_path), backbone, weights, (32, 32), info)
+    assert set(cache.ensure()) == {"train", "validation"}
+    cached = np.concatenate([f.numpy() for f, _ in cache.dataset("validation", 4)])
+    extractor = bottleneck.build_feature_extractor(backbone, weights, (32, 32))
+    direct = np.concatenate([keras.ops.convert_to_numpy(extractor(x, training=False))
+                             for x, _ in data.image_dataset(info, "validation", (32, 32), 4)])
+    np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_a_second_request_reuses_the_cache_without_recomputing(tfrecord_data, tmp_path):
+    info = data.inspect_data(str(tfrecord_data))
+    backbone = backbones.get_backbone("mobilenet_v2")
+    weights = bottleneck.materialize_random_weights(backbone, (32, 32), str(tmp_path), seed=0)
+    first = bottleneck.FeatureCache(str(tmp_path), backbone, weights, (32, 32), info)
+    first.ensure()
+    again = bottleneck.FeatureCache(str(tmp_path), backbone, weights, (32, 32), info)
+    assert again.path == first.path
+    assert again.ensure() == {}
+    other_size = bottleneck.FeatureCache(str(tmp_path), backbone, weights, (48, 48), info)
+    assert other_size.path != first.path
+
+
+def test_a_search_computes_features_once_for_all_its_trials(tfrecord_data, tmp_path, caplog):
+    caplog.set_level("INFO", logger="trainer")
+    rc = main(["--data", str(tfrecord_data), "--job-dir", str(tmp_path), "--weights", "none", "--image-size", "32",
+               "--epochs", "2", "--tuner", "random", "--max-trials", "3", "--no-export",
+               "--search-space", json.dumps({"finetune_depth": 0})])
+    assert rc == 0
+    computed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bottleneck features: train")]
+    assert len(computed) == 1
+    assert sum("trial" in r.getMessage() and "done" in r.getMessage() for r in caplog.records) == 3
+    assert len(list((tmp_path / "cache").glob("mobilenet_v2-32x32-*/train/DONE"))) == 1

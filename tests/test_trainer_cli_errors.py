@@ -1,0 +1,130 @@
+"""Bad input: each mistake is one line on stderr naming the problem, and a non-zero exit (no traceback)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_tfrecord_data
+from trainer.cli import main
+
+QUICK = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--max-trials", "1"]
+
+
+def _fails_in_one_line(capsys, argv, *expected) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+@pytest.fixture
+def data_copy(tfrecord_data, tmp_path):
+    target = tmp_path / "data"
+    shutil.copytree(tfrecord_data, target)
+    return target
+
+
+def test_a_missing_data_folder(capsys, tmp_path):
+    _fails_in_one_line(capsys, ["--data", str(tmp_path / "nope"), "--job-dir", str(tmp_path / "job"), *QUICK],
+                       "--data", "no such folder")
+
+
+def test_an_empty_data_folder(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    _fails_in_one_line(capsys, ["--data", str(tmp_path / "empty"), "--job-dir", str(tmp_path / "job"), *QUICK],
+                       "empty")
+
+
+def test_no_labels_file(capsys, data_copy, tmp_path):
+    (data_copy / "labels.txt").unlink()
+    _fails_in_one_line(capsys, ["--data", str(data_copy), "--job-dir", str(tmp_path / "job"), *QUICK], "labels.txt")
+
+
+def test_labels_that_disagree_with_the_records(capsys, data_copy, tmp_path):
+    (data_copy / "labels.txt").write_text("cat\ndog\nemu\n")
+    _fails_in_one_line(capsys, ["--data", str(data_copy), "--job-dir", str(tmp_path / "job"), *QUICK],
+                       "labels.txt", "circle")
+
+
+def test_labels_with_fewer_classes_than_the_records(capsys, data_copy, tmp_path):
+    (data_copy / "labels.txt").write_text("circle\nsquare\n")
+    _fails_in_one_line(capsys, ["--data", str(data_copy), "--job-dir", str(tmp_path / "job"), *QUICK],
+                       "class id 2")
+
+
+def test_a_single_class(capsys, tmp_path):
+    data = write_tfrecord_data(tmp_path / "one", per_class=5, classes=("circle",))
+    _fails_in_one_line(capsys, ["--data", str(data), "--job-dir", str(tmp_path / "job"), *QUICK], "at least 2")
+
+
+def test_an_unknown_backbone(capsys, tfrecord_data, tmp_path):
+    _fails_in_one_line(capsys, ["--data", str(tfrecord_data), "--job-dir", str(tmp_path / "job"),
+                                "--backbone", "alexnet", *QUICK], "--backbone", "alexnet", "mobilenet_v2")
+
+
+def test_a_weights_file_that_does_not_fit_the_backbone(capsys, tfrecord_data, tmp_path):
+    import keras
+
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    path = tmp_path / "other.weights.h5"
+    other.save_weights(str(path))
+    _fails_in_one_line(capsys, ["--data", str(tfrecord_data), "--job-dir", str(tmp_path / "job"), *QUICK,
+                                "--weights", str(path)], str(path), "does not fit", "mobilenet_v2")
+
+
+def test_a_weights_file_that_does_not_exist(capsys, tfrecord_data, tmp_path):
+    _fails_in_one_line(capsys, ["--data", str(tfrecord_data), "--job-dir", str(tmp_path / "job"), *QUICK,
+                                "--weights", str(tmp_path / "missing.weights.h5")], "missing.weights.h5", "no such file")
+
+
+def test_imagenet_weights_offline_name_the_local_alternative(capsys, tfrecord_data, tmp_path):
+    try:
+        import urllib.request
+
+        urllib.request.urlopen("https://storage.googleapis.com", timeout=3)
+        pytest.skip("this machine is online; the offline message cannot be shown")
+    except OSError:
+        pass
+    _fails_in_one_line(capsys, ["--data", str(tfrecord_data), "--job-dir", str(tmp_path / "job"),
+                                "--image-size", "32", "--weights", "imagenet"], "--weights PATH")
+
+
+def test_an_unwritable_job_dir(capsys, tfrecord_data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    _fails_in_one_line(capsys, ["--data", str(tfrecord_data), "--job-dir", str(blocker / "job"), *QUICK],
+                       "--job-dir", "cannot write")
+
+
+def test_an_image_size_the_backbone_cannot_take(capsys, tfrecord_data, tmp_path):
+    _fails_in_one_line(capsys, ["--data", str(tfrecord_data), "--job-dir", str(tmp_path / "job"),
+                                "--weights", "none", "--image-size", "16"], "--image-size", "16x16", "at least 32")
+
+
+def test_a_malformed_flag_is_one_line_too(capsys, tfrecord_data, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(tfrecord_data), "--job-dir", str(tmp_path), "--image-size", "big"])
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_an_unknown_search_space_name(capsys, tfrecord_data, tmp_path):
+    _fails_in_one_line(capsys, ["--data", str(tfrecord_data), "--job-dir", str(tmp_path / "job"), *QUICK,
+                                "--search-space", '{"learning_rate": 0.1}'], "learning_rate", "known:")
+
+
+def test_help_describes_the_flags(repo_root):
+    result = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=repo_root, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0
+    for flag in ("--data", "--job-dir", "--backbone", "--weights", "--tuner", "--search-space", "--min-accuracy",
+                 "--mixed-precision", "--no-augment", "--cache-dir"):
+        assert flag in result.stdout, flag

@@ -1,0 +1,78 @@
+"""The trainer's input: checked counts, the carved validation split, image batches, class weights, augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import write_tfrecord_data
+from trainer import data
+from trainer.augment import build_augmenter
+from trainer.config import AugmentConfig
+
+
+@pytest.fixture(scope="module")
+def no_validation(tmp_path_factory):
+    root = write_tfrecord_data(tmp_path_factory.mktemp("noval"), per_class=20)
+    (root / "validation-00000-of-00001.tfrecord").unlink()
+    return root
+
+
+def test_counts_per_split_and_class_come_from_the_records(tfrecord_data):
+    info = data.inspect_data(str(tfrecord_data))
+    assert info.labels == ["circle", "square", "triangle"]
+    assert info.counts == {"train": [10, 10, 10], "validation": [3, 3, 3], "test": [3, 3, 3]}
+    assert not info.carved_validation
+    assert info.record_size == (32, 32) and info.resize_mode == "stretch"
+
+
+def test_without_a_validation_split_one_is_carved_from_train(no_validation):
+    info = data.inspect_data(str(no_validation), validation_fraction=0.25)
+    assert info.carved_validation
+    train, _ = data.encoded_examples(info, "train")
+    validation, _ = data.encoded_examples(info, "validation")
+    assert len(train) == info.size("train") and len(validation) == info.size("validation")
+    assert 0 < len(validation) < len(train)
+    assert not set(train) & set(validation)
+    assert len(train) + len(validation) == 3 * 12  # the first 60% of 20 per class were written to train
+
+
+def test_the_carved_split_is_the_same_on_every_run(no_validation):
+    first = data.encoded_examples(data.inspect_data(str(no_validation)), "validation")[0]
+    second = data.encoded_examples(data.inspect_data(str(no_validation)), "validation")[0]
+    assert first == second
+
+
+def test_image_batches_are_float_pixels_in_0_255_with_int_labels(tfrecord_data):
+    info = data.inspect_data(str(tfrecord_data))
+    batches = list(data.image_dataset(info, "test", (40, 48), 4))
+    images, labels = batches[0]
+    assert images.shape == (4, 40, 48, 3) and images.dtype.name == "float32"
+    assert labels.dtype.name == "int32"
+    assert 0.0 <= float(np.min(images)) and float(np.max(images)) <= 255.0
+    assert sum(int(b[1].shape[0]) for b in batches) == info.size("test")
+
+
+def test_class_weights_balance_an_imbalanced_train_split():
+    info = data.DataInfo("d", ["a", "b"], None, "stretch", {}, counts={"train": [30, 10]})
+    weights = data.class_weights(info)
+    assert weights[0] == pytest.approx(40 / 60) and weights[1] == pytest.approx(2.0)
+    assert weights[0] * 30 == pytest.approx(weights[1] * 10)
+
+
+def test_augmentation_changes_shuffled_training_batches_only(tfrecord_data):
+    info = data.inspect_data(str(tfrecord_data))
+    augmenter = build_augmenter(AugmentConfig(flip=False, rotation=0.2, zoom=0.2, contrast=0.3), seed=1)
+    plain = next(iter(data.image_dataset(info, "train", (32, 32), 30, shuffle=True, seed=5)))[0].numpy()
+    augmented = next(iter(data.image_dataset(info, "train", (32, 32), 30, shuffle=True, seed=5,
+                                             augmenter=augmenter)))[0].numpy()
+    assert not np.allclose(plain, augmented)
+    assert augmented.min() >= 0.0 and augmented.max() <= 255.0
+    evaluation = next(iter(data.image_dataset(info, "test", (32, 32), 9, augmenter=augmenter)))[0].numpy()
+    reference = next(iter(data.image_dataset(info, "test", (32, 32), 9)))[0].numpy()
+    np.testing.assert_array_equal(evaluation, reference)
+
+
+def test_switching_every_augmentation_off_means_no_augmenter():
+    assert build_augmenter(AugmentConfig(enabled=False), seed=0) is None
+    assert build_augmenter(AugmentConfig(flip=False, rotation=0, zoom=0, contrast=0), seed=0) is None

@@ -1,0 +1,123 @@
+"""Backbones, the model a trial builds, fine-tune depth in blocks, frozen batch normalization, the search space."""
+
+from __future__ import annotations
+
+import keras
+import keras_tuner as kt
+import numpy as np
+import pytest
+
+from trainer import backbones, hypermodel
+from trainer.config import UserError
+
+SIX = {"mobilenet_v2", "efficientnet_b0", "resnet50", "vgg16", "densenet121", "xception"}
+
+
+def test_the_registry_offers_the_six_backbones_by_lower_case_name():
+    assert SIX <= set(backbones.REGISTRY)
+    with pytest.raises(UserError, match="alexnet"):
+        backbones.get_backbone("alexnet")
+
+
+@pytest.mark.parametrize("name, module", [("mobilenet_v2", keras.applications.mobilenet_v2),
+                                          ("xception", keras.applications.xception),
+                                          ("resnet50", keras.applications.resnet50),
+                                          ("vgg16", keras.applications.vgg16),
+                                          ("densenet121", keras.applications.densenet)])
+def test_built_in_preprocessing_matches_keras_applications(name, module):
+    images = np.random.default_rng(0).uniform(0, 255, size=(2, 8, 8, 3)).astype("float32")
+    layer = hypermodel.BackbonePreprocess(backbones.get_backbone(name).preprocess)
+    expected = module.preprocess_input(images.copy())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(images)), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_mobilenet_v2_blocks_run_from_the_first_bottleneck_to_the_top_conv():
+    backbone = backbones.get_backbone("mobilenet_v2")
+    blocks = backbone.blocks(backbone.build((32, 32), None))
+    assert len(blocks) == 18
+    assert blocks[0][0].name.startswith("expanded_conv")
+    assert [layer.name for layer in blocks[-1]] == ["Conv_1", "Conv_1_bn", "out_relu"]
+    assert {layer.name.split("_")[1] for layer in blocks[-2]} == {"16"}
+
+
+def test_finetune_depth_unfreezes_only_the_top_blocks_and_never_batch_norm():
+    backbone = backbones.get_backbone("mobilenet_v2")
+    model = backbone.build((32, 32), None)
+    hypermodel.set_finetune_depth(model, backbone, 2)
+    trainable = [layer for layer in model.layers if layer.trainable and layer.weights]
+    assert trainable
+    assert {layer.name.split("_")[0] + "_" + layer.name.split("_")[1] for layer in trainable} <= {"block_16", "Conv_1"}
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) and layer.trainable for layer in model.layers)
+    hypermodel.set_finetune_depth(model, backbone, 0)
+    assert not model.trainable_weights
+
+
+def test_default_depth_follows_the_size_of_the_data():
+    assert hypermodel.default_max_depth(300, 18) == 2
+    assert hypermodel.default_max_depth(5000, 18) == 5
+    assert hypermodel.default_max_depth(50000, 18) == 9
+    assert hypermodel.default_max_depth(500000, 18) == 18
+
+
+def test_the_search_space_file_fixes_chooses_and_widens():
+    space = hypermodel.resolve_space({"pooling": "flatten", "dense_layers": [0, 2],
+                                      "finetune_depth": {"min": 0, "max": 6}}, num_blocks=18, num_train=100)
+    assert space["pooling"] == {"value": "flatten"}
+    assert space["dense_layers"] == {"values": [0, 2]}
+    assert space["finetune_depth"] == {"min": 0, "max": 6}
+    with pytest.raises(UserError, match="finetune_depth"):
+        hypermodel.resolve_space({"finetune_depth": 40}, num_blocks=18, num_train=100)
+    with pytest.raises(UserError, match="pooling"):
+        hypermodel.resolve_space({"pooling": "median"}, num_blocks=18, num_train=100)
+
+
+def _hypermodel(classes=3, space=None, inputs=None):
+    backbone = backbones.get_backbone("mobilenet_v2")
+    space = space or hypermodel.resolve_space({}, num_blocks=18, num_train=30)
+    return hypermodel.TransferHyperModel(backbone, None, (32, 32), classes, space, inputs, epochs=1)
+
+
+def test_the_built_model_takes_0_255_pixels_and_returns_a_float32_softmax_even_in_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = _hypermodel().build(kt.HyperParameters())
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert tuple(model.input.shape) == (None, 32, 32, 3)
+    assert model.output.dtype == "float32"
+    out = keras.ops.convert_to_numpy(model(np.full((2, 32, 32, 3), 128.0, "float32")))
+    assert out.shape == (2, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-3)
+
+
+def test_the_model_has_no_augmentation_layers():
+    model = _hypermodel().build(kt.HyperParameters())
+    names = [type(layer).__name__ for layer in model._flatten_layers()]
+    assert not [n for n in names if n.startswith("Random")]
+
+
+def test_fine_tuning_moves_the_unfrozen_weights_but_not_batch_norm_statistics(tfrecord_data):
+    from trainer import data
+
+    info = data.inspect_data(str(tfrecord_data))
+    images = lambda split, augment=False: data.image_dataset(info, split, (32, 32), 8, shuffle=split == "train")  # noqa: E731
+    features = lambda split: pytest.fail("a warm-started fine-tune must not train the head on features")  # noqa: E731
+    space = hypermodel.resolve_space({"finetune_depth": 2, "optimizer": "adam", "finetune_learning_rate": 1e-2},
+                                     num_blocks=18, num_train=30)
+    model_builder = _hypermodel(space=space, inputs=hypermodel.TrialInputs(features, images))
+    hp = kt.HyperParameters()
+    model = model_builder.build(hp)
+    hp.values["tuner/trial_id"] = "warm"  # a Hyperband continuation: the fine-tune phase only
+    backbone_model = hypermodel._find_backbone(model)
+    norms = [layer for layer in backbone_model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    stats_before = [keras.ops.convert_to_numpy(v).copy() for layer in norms
+                    for v in (layer.moving_mean, layer.moving_variance)]
+    kernel_before = keras.ops.convert_to_numpy(backbone_model.get_layer("Conv_1").kernel).copy()
+    stem_before = keras.ops.convert_to_numpy(backbone_model.get_layer("Conv1").kernel).copy()
+    model_builder.fit(hp, model, epochs=1)
+    stats_after = [keras.ops.convert_to_numpy(v) for layer in norms for v in (layer.moving_mean, layer.moving_variance)]
+    for before, after in zip(stats_before, stats_after):
+        np.testing.assert_array_equal(before, after)
+    assert not np.array_equal(kernel_before, keras.ops.convert_to_numpy(backbone_model.get_layer("Conv_1").kernel))
+    np.testing.assert_array_equal(stem_before, keras.ops.convert_to_numpy(backbone_model.get_layer("Conv1").kernel))
+    assert "phase2" in model_builder.last_history and "phase1" not in model_builder.last_history
