@@ -221,7 +221,10 @@ def test_the_multi_worker_job_and_its_headless_service_agree(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_each_worker_builds_its_tf_config_from_its_completion_index(overlay, tmp_path):
-    """Run the pod's real wrapper script with `sh`; a stand-in `tlp-train` records what it was given."""
+    """Run the pod's real wrapper script with `sh`; a stand-in `tlp-train` records what it was given.
+
+    Every worker gets the same TF_CONFIG cluster and its own index; only worker 0 writes the shared job folder.
+    """
     job = find(render(overlay), "Job", "tlp-train-multiworker")
     worker = job["spec"]["template"]["spec"]["containers"][0]
     stand_in = tmp_path / "tlp-train"
@@ -238,7 +241,12 @@ def test_each_worker_builds_its_tf_config_from_its_completion_index(overlay, tmp
         tf_config, *args = record.read_text().splitlines()
         assert json.loads(tf_config) == {"cluster": {"worker": expected_hosts},
                                          "task": {"type": "worker", "index": index}}
-        assert args == worker["args"], "the wrapper must pass the container's args to tlp-train unchanged"
+        if index == 0:
+            assert args == worker["args"], "worker 0 must get the container's args unchanged"
+        else:
+            scratch = env_value(worker, "SCRATCH_JOB_DIR")
+            assert scratch.startswith("/tmp/"), "other workers write to scratch space, not the shared volume"
+            assert args == [f"--job-dir={scratch}" if a.startswith("--job-dir=") else a for a in worker["args"]]
 
 
 # --- distributed tuning ------------------------------------------------------
