@@ -28,6 +28,7 @@ _DEFAULTS = PreprocessConfig(input="", output="")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m preprocessing",
+        allow_abbrev=False,  # a Beam flag must never be taken for an abbreviation of ours
         description=(
             "Turn a folder of labelled images (ROOT/<class>/<image> or ROOT/{train,validation,test}/<class>/<image>) "
             "or a CSV manifest (path,label[,split]) into sharded TFRecords, labels.txt, stats.json and errors.jsonl, "
@@ -103,8 +104,8 @@ def _setup_logging(verbose: bool) -> None:
 def _drop_forwarded_worker_logs(record: logging.LogRecord) -> bool:
     """Drop two kinds of noise: the local runner's raw-proto copies of worker logs (the worker
     already printed them readably) and Beam's warning about optional GCP client libraries."""
-    message = str(record.msg)
-    return not ("severity:" in message[:40] or message.startswith("apitools not found"))
+    message = record.getMessage()
+    return not (message.startswith("Worker: ") or message.startswith("apitools not found"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
 
+# Workers log our progress; Beam's start-up chatter in each worker is noise to a person watching.
+_WORKER_LOG_LEVELS = {"preprocessing": "INFO", "__main__": "ERROR", "apache_beam.options.pipeline_options": "ERROR"}
 LOCAL_RUNNER_NAMES = ("", "directrunner", "direct", "fnapirunner")
 
 
@@ -71,7 +73,7 @@ def choose_runner(beam_args: list[str]) -> RunnerChoice:
     if not _has_flag(args, "--default_sdk_harness_log_level"):
         args.append("--default_sdk_harness_log_level=WARNING")
     if not _has_flag(args, "--sdk_harness_log_level_overrides"):
-        args.append("--sdk_harness_log_level_overrides=" + json.dumps({"preprocessing": "INFO"}))
+        args.append("--sdk_harness_log_level_overrides=" + json.dumps(_WORKER_LOG_LEVELS))
     args = _without_flag(args, "--runner")
     options = PipelineOptions(args)
     direct = options.view_as(DirectOptions)
