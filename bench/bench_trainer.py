@@ -1,0 +1,309 @@
+"""Trainer benchmarks (run by hand; figures go to bench/RESULTS-trainer.md).
+
+Two questions:
+
+1. Does the input pipeline keep training fed? ``trainer.data.image_dataset``
+   (interleaved shards, parallel parse + ``tfrecords.decode_and_resize``,
+   batch, prefetch; optionally the training augmentation) is timed on its own
+   and compared with the rate a MobileNetV2 fine-tune step consumes batches of
+   the same size. Target: input at least 3x faster than consumption. Training
+   is also timed fed by the pipeline and fed from one batch held in memory:
+   equal step times mean the input is not the bottleneck.
+2. What do cached bottleneck features buy? One epoch of the head on cached
+   features against one epoch through the frozen backbone. Target >= 100x.
+   Both of the cache's forms are timed: ``trainer.bottleneck.FeatureCache``
+   (the trainer's cache: unpooled feature maps on disk, the head pools) and
+   globally pooled features in memory (the smallest form of the same data).
+
+Clocks stop at the last batch (``on_train_batch_end`` of the last step, or the
+arrival of the last element), never after teardown: deleting an autotuned
+tf.data iterator can take seconds and is not part of an epoch.
+
+Usage::
+
+    .venv/bin/python bench/bench_trainer.py [--data DATA_224] [--json out.json]
+
+Without ``--data`` the clothing-small photos are turned into 224x224 TFRecords
+with the project's preprocessing job in a temporary folder first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+CLOTHING = os.path.join(os.path.dirname(REPO), "shared", "datasets", "clothing-small")
+WEIGHTS = os.path.join(os.path.dirname(REPO), "shared", "weights", "mobilenet_v2_1.0_224_imagenet_notop.weights.h5")
+SIZE = (224, 224)
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def machine() -> dict:
+    model = ""
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    busy = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
+    others = [line.split(None, 1)[1][:120] for line in busy.splitlines()[1:]
+              if len(line.split()) > 2 and int(line.split()[0]) != os.getpid() and float(line.split()[1]) >= 5.0]
+    import tensorflow as tf
+
+    return {"nproc": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
+            "tensorflow": tf.__version__, "loadavg_start": os.getloadavg(), "busy_processes_start": others}
+
+
+def build_data(workdir: str) -> str:
+    out = os.path.join(workdir, "clothing224")
+    log(f"building 224x224 TFRecords of {CLOTHING} with the preprocessing job -> {out}")
+    subprocess.run([sys.executable, "-m", "preprocessing", "--input", CLOTHING, "--output", out,
+                    "--image-size", "224", "--num-shards", "8", "--progress-seconds", "0"], check=True, cwd=REPO)
+    return out
+
+
+class BatchClock:
+    """A Keras callback's worth of timestamps: epoch starts and every batch end."""
+
+    def __new__(cls):
+        import keras
+
+        class _Clock(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.epochs = []  # [(start, [batch end times])]
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.epochs.append((time.perf_counter(), []))
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.epochs[-1][1].append(time.perf_counter())
+
+            def epoch_seconds(self) -> list[float]:
+                return [ends[-1] - start for start, ends in self.epochs if ends]
+
+            def step_seconds(self, skip: int = 3) -> list[float]:
+                start, ends = self.epochs[-1]
+                times = [start, *ends]
+                return [b - a for a, b in zip(times, times[1:])][skip:]
+
+        return _Clock()
+
+
+def time_to_last_element(dataset) -> tuple[float, int, int, float]:
+    """(seconds to the last batch, batches, images, seconds to the first batch) of one pass."""
+    start = time.perf_counter()
+    first = None
+    batches = images = 0
+    iterator = iter(dataset)
+    last = start
+    for images_batch, _ in iterator:
+        last = time.perf_counter()
+        if first is None:
+            first = last - start
+        batches += 1
+        images += int(images_batch.shape[0])
+    elapsed = last - start
+    del iterator  # teardown is outside the clock
+    return elapsed, batches, images, first or 0.0
+
+
+def classifier(backbone, weights: str, num_classes: int, depth: int):
+    """The trainer's model shape: [0, 255] -> backbone preprocessing -> MobileNetV2 -> pool -> dropout -> softmax."""
+    import keras
+
+    from trainer.hypermodel import BackbonePreprocess, set_finetune_depth
+
+    backbone_model = backbone.build(SIZE, weights)
+    inputs = keras.Input((*SIZE, 3), name="image")
+    x = BackbonePreprocess(backbone.preprocess)(inputs)
+    x = backbone_model(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    trainable = set_finetune_depth(backbone_model, backbone, depth)
+    model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model, trainable
+
+
+def bench_input(info, batch_size: int, augmenter) -> dict:
+    from trainer.data import image_dataset
+
+    results = {}
+    for name, aug in (("plain", None), ("augmented", augmenter)):
+        runs = []
+        for _ in range(2):
+            dataset = image_dataset(info, "train", SIZE, batch_size, shuffle=True, seed=0, augmenter=aug)
+            runs.append(time_to_last_element(dataset))
+        elapsed, batches, images, first = min(runs)
+        results[name] = {"seconds": elapsed, "batches": batches, "images": images, "first_batch_s": first,
+                         "images_per_s": images / elapsed, "batches_per_s": batches / elapsed,
+                         "all_runs_s": [r[0] for r in runs]}
+        log(f"input ({name}): {images} images in {elapsed:.2f}s = {images / elapsed:.0f} images/s, "
+            f"{batches / elapsed:.2f} batches/s (first batch after {first:.2f}s; runs {[round(r[0], 2) for r in runs]})")
+    return results
+
+
+def bench_finetune(info, backbone, weights: str, batch_size: int, depth: int, steps: int, augmenter) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from trainer.data import image_dataset
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    model, trainable = classifier(backbone, weights, info.num_classes, depth)
+    batch = next(iter(image_dataset(info, "train", SIZE, batch_size, shuffle=True, seed=1)))
+    in_memory = tf.data.Dataset.from_tensors(batch).repeat(steps)
+    clock = BatchClock()
+    model.fit(in_memory, epochs=1, verbose=0, callbacks=[clock])
+    memory_steps = clock.step_seconds()
+    clock = BatchClock()
+    fed = image_dataset(info, "train", SIZE, batch_size, shuffle=True, seed=2, augmenter=augmenter).take(steps)
+    model.fit(fed, epochs=1, verbose=0, callbacks=[clock])
+    fed_steps = clock.step_seconds()
+    result = {"depth": depth, "trainable_layers": trainable, "steps_timed": len(memory_steps),
+              "step_s_in_memory": statistics.median(memory_steps), "step_s_fed_by_pipeline": statistics.median(fed_steps),
+              "images_per_s_in_memory": batch_size / statistics.median(memory_steps)}
+    log(f"fine-tune step, top {depth} blocks ({trainable} layers trainable), batch {batch_size}: "
+        f"{result['step_s_in_memory']:.3f}s from memory, {result['step_s_fed_by_pipeline']:.3f}s fed by the "
+        f"pipeline (median of {len(memory_steps)} steps)")
+    return result
+
+
+def bench_frozen_epoch(info, backbone, weights: str, batch_size: int) -> dict:
+    import keras
+
+    from trainer.data import image_dataset
+
+    keras.backend.clear_session()
+    model, _ = classifier(backbone, weights, info.num_classes, depth=0)
+    clock = BatchClock()
+    model.fit(image_dataset(info, "train", SIZE, batch_size, shuffle=True, seed=0), epochs=1, verbose=0,
+              callbacks=[clock])
+    seconds = clock.epoch_seconds()[0]
+    log(f"epoch through the frozen backbone: {info.size('train')} images in {seconds:.1f}s")
+    return {"seconds": seconds, "images": info.size("train")}
+
+
+def _head_epochs(head, dataset, epochs: int) -> list[float]:
+    clock = BatchClock()
+    head.fit(dataset, epochs=epochs, verbose=0, callbacks=[clock])
+    return clock.epoch_seconds()
+
+
+def bench_cached_epochs(info, backbone, weights: str, batch_size: int, cache_root: str, epochs: int = 4) -> dict:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.bottleneck import FeatureCache
+
+    keras.backend.clear_session()
+    cache = FeatureCache(cache_root, backbone, weights, SIZE, info, batch_size=64)
+    built = cache.ensure(("train",))
+    disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache.split_path("train")) for f in fs)
+    log(f"feature cache built in {built.get('train', 0):.1f}s, {disk / 2**20:.0f} MiB on disk")
+
+    maps = cache.dataset("train", batch_size, shuffle=True, seed=0)
+    feature_shape = tuple(maps.element_spec[0].shape[1:])
+    features = keras.Input(feature_shape)
+    x = keras.layers.GlobalAveragePooling2D()(features)
+    x = keras.layers.Dropout(0.2)(x)
+    head = keras.Model(features, keras.layers.Dense(info.num_classes, activation="softmax")(x))
+    head.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    unpooled = _head_epochs(head, maps, epochs)
+    log(f"head epochs on the FeatureCache (unpooled {feature_shape}, from disk): {[round(s, 3) for s in unpooled]}s")
+
+    pooled_x, pooled_y = [], []
+    for maps_batch, labels in cache.dataset("train", 256):
+        pooled_x.append(np.asarray(tf.reduce_mean(maps_batch, axis=[1, 2])))
+        pooled_y.append(labels.numpy())
+    pooled_x, pooled_y = np.concatenate(pooled_x), np.concatenate(pooled_y)
+    pooled = (tf.data.Dataset.from_tensor_slices((pooled_x, pooled_y)).cache()
+              .shuffle(len(pooled_y), seed=0, reshuffle_each_iteration=True).batch(batch_size).prefetch(2))
+    inputs = keras.Input(pooled_x.shape[1:])
+    dense = keras.Model(inputs, keras.layers.Dense(info.num_classes, activation="softmax")(
+        keras.layers.Dropout(0.2)(inputs)))
+    dense.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    in_memory = _head_epochs(dense, pooled, epochs)
+    log(f"head epochs on pooled {pooled_x.shape[1:]} features in memory: {[round(s, 3) for s in in_memory]}s")
+    return {"cache_build_s": built.get("train"), "cache_mib": disk / 2**20, "feature_shape": list(feature_shape),
+            "unpooled_disk_epoch_s": unpooled, "pooled_memory_epoch_s": in_memory,
+            "pooled_bytes": int(pooled_x.nbytes)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="224x224 TFRecords (default: build them from clothing-small)")
+    parser.add_argument("--weights", default=WEIGHTS)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=15, help="fine-tune steps timed per setting")
+    parser.add_argument("--json", help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+
+    workdir = tempfile.mkdtemp(prefix="bench-trainer-")
+    try:
+        info_machine = machine()
+        log(f"machine: {info_machine['nproc']} CPUs, {info_machine['cpu_model']}, load {info_machine['loadavg_start']}")
+        for line in info_machine["busy_processes_start"]:
+            log(f"  busy at start: {line}")
+        data_dir = args.data or build_data(workdir)
+
+        from trainer.augment import build_augmenter
+        from trainer.backbones import get_backbone
+        from trainer.config import AugmentConfig
+        from trainer.data import inspect_data
+
+        info = inspect_data(data_dir)
+        backbone = get_backbone("mobilenet_v2")
+        augmenter = build_augmenter(AugmentConfig(), seed=0)
+        log(f"data: {data_dir}, train {info.size('train')} images, {info.num_classes} classes")
+
+        results = {"machine": info_machine, "batch_size": args.batch_size, "data_dir": data_dir}
+        results["input"] = bench_input(info, args.batch_size, augmenter)
+        num_blocks = len(backbone.blocks(backbone.build(SIZE, None)))
+        results["finetune"] = [bench_finetune(info, backbone, args.weights, args.batch_size, depth, args.steps, augmenter)
+                               for depth in (2, num_blocks)]
+        results["frozen_epoch"] = bench_frozen_epoch(info, backbone, args.weights, args.batch_size)
+        results["cached"] = bench_cached_epochs(info, backbone, args.weights, args.batch_size,
+                                                os.path.join(workdir, "cache"))
+        results["machine"]["loadavg_end"] = os.getloadavg()
+
+        input_rate = results["input"]["augmented"]["batches_per_s"]
+        frozen = results["frozen_epoch"]["seconds"]
+        unpooled = min(results["cached"]["unpooled_disk_epoch_s"][1:])
+        pooled = min(results["cached"]["pooled_memory_epoch_s"][1:])
+        results["summary"] = {
+            "input_vs_finetune": {f"top_{r['depth']}_blocks": input_rate * r["step_s_in_memory"]
+                                  for r in results["finetune"]},
+            "frozen_over_unpooled_cache_epoch": frozen / unpooled,
+            "frozen_over_pooled_cache_epoch": frozen / pooled,
+        }
+        log("summary: " + json.dumps(results["summary"], indent=None))
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(results, handle, indent=2, default=float)
+        return 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
