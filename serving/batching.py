@@ -116,13 +116,15 @@ class Batcher:
                  for start in range(0, size, limit)]
         capacity = self._config.max_enqueued_batches * limit
         with self._cond:
-            if self._closed:
-                raise unavailable("the model version is being unloaded; retry")
-            if self._queued_rows + size > capacity:
-                raise unavailable(QUEUE_FULL)
-            self._queue.extend(tasks)
-            self._queued_rows += size
-            self._cond.notify_all()
+            closed = self._closed
+            if not closed:
+                if self._queued_rows + size > capacity:
+                    raise unavailable(QUEUE_FULL)
+                self._queue.extend(tasks)
+                self._queued_rows += size
+                self._cond.notify_all()
+        if closed:  # the version is being unloaded; this request still holds it, so run it alone
+            return self._run(inputs)
         for task in tasks:
             task.done.wait()
         for task in tasks:

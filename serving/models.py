@@ -131,6 +131,7 @@ class LoadedVersion:
         self._functions = dict(self._loaded.signatures)
         self.batchers: dict = {}
         self._batchers_lock = threading.Lock()
+        self._closed = False
 
     @property
     def signature_names(self) -> list[str]:
@@ -219,15 +220,22 @@ class LoadedVersion:
         return count
 
     def close(self) -> None:
+        """Stop the version's batchers (queued requests still finish); later requests run unbatched."""
         with self._batchers_lock:
+            self._closed = True
             batchers, self.batchers = list(self.batchers.values()), {}
         for batcher in batchers:
             batcher.close()
 
     def batcher(self, signature_name: str, factory: Callable):
-        """The version's batcher for a signature, made on first use by ``factory(run_fn, label)``."""
+        """The version's batcher for a signature, made on first use by ``factory(run_fn, label)``.
+
+        None once the version is closed (being unloaded): the caller runs the request directly.
+        """
         name = signature_name or DEFAULT_SIGNATURE
         with self._batchers_lock:
+            if self._closed:
+                return None
             if name not in self.batchers:
                 self.batchers[name] = factory(lambda inputs: self.run(name, inputs),
                                               f"{self.name}:{self.version}:{name}")

@@ -94,10 +94,8 @@ class ServingCore:
             loaded = self.manager.resolve(spec.name, spec.version, spec.label)
         signature_name = spec.signature_name or DEFAULT_SIGNATURE
         wanted = loaded.validate(signature_name, inputs, output_filter)
-        if self.batching is not None:
-            outputs = loaded.batcher(signature_name, self._batcher_factory).submit(inputs)
-        else:
-            outputs = loaded.run(signature_name, inputs)
+        batcher = loaded.batcher(signature_name, self._batcher_factory) if self.batching is not None else None
+        outputs = batcher.submit(inputs) if batcher is not None else loaded.run(signature_name, inputs)
         return loaded, signature_name, {alias: outputs[alias] for alias in wanted}
 
     def metadata(self, spec: Spec, fields) -> tuple[LoadedVersion, object]:
