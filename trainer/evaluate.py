@@ -143,13 +143,13 @@ def metrics_from_probabilities(y_true: Sequence[int], probabilities: np.ndarray,
 
 
 def predict_dataset(model, dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``model`` (inference mode) over ``(images, labels)`` batches; returns ``(y_true [N], probabilities [N, C])``.
+    """Run ``model``'s compiled predict step over ``(images, labels)`` batches; return ``(y_true [N], probs [N, C])``.
 
     Labels may be class ids ``[B]`` or one-hot ``[B, C]``.
     """
     y_true, probs = [], []
     for images, batch_labels in dataset:
-        out = model(images, training=False)
+        out = model.predict_on_batch(images)
         probs.append(np.asarray(out, dtype=np.float32))
         batch_labels = np.asarray(batch_labels)
         y_true.append(batch_labels.argmax(axis=-1) if batch_labels.ndim == 2 else batch_labels.reshape(-1))
