@@ -62,11 +62,33 @@ def read_bytes(path: str) -> bytes:
         raise images.Rejected(f"cannot read the file ({message})") from None
 
 
+class LogListed(beam.DoFn):
+    """Pass-through that tells the person watching how many inputs were listed (per bundle)."""
+
+    def start_bundle(self) -> None:
+        self.listed = 0
+
+    def process(self, element) -> Iterable:
+        self.listed += 1
+        yield element
+
+    def finish_bundle(self) -> None:
+        if self.listed:
+            _log.info("listed %s input files", f"{self.listed:,}")
+
+
 class ListedFile(beam.DoFn):
     """A matched file (or manifest line) -> :class:`InputItem`; wrongly placed inputs are rejected."""
 
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
+
+    @staticmethod
+    def _reject(path: str, reason: str):
+        stats.count("found", splits.UNASSIGNED, stats.NO_CLASS)
+        stats.count("rejected", splits.UNASSIGNED, stats.NO_CLASS)
+        stats.count_stage("list")
+        return beam.pvalue.TaggedOutput(REJECTED, rejection(path, reason, "list"))
 
     def process(self, element) -> Iterable:
         try:
@@ -75,16 +97,10 @@ class ListedFile(beam.DoFn):
             else:
                 item = sources.item_from_path(element.path, self.spec)
         except sources.RowRejected as error:
-            stats.count("found", splits.UNASSIGNED, "")
-            stats.count("rejected", splits.UNASSIGNED, "")
-            stats.count_stage("list")
-            yield beam.pvalue.TaggedOutput(REJECTED, rejection(error.path, str(error), "list"))
+            yield self._reject(error.path, str(error))
             return
         except images.Rejected as error:
-            stats.count("found", splits.UNASSIGNED, "")
-            stats.count("rejected", splits.UNASSIGNED, "")
-            stats.count_stage("list")
-            yield beam.pvalue.TaggedOutput(REJECTED, rejection(element.path, str(error), "list"))
+            yield self._reject(element.path, str(error))
             return
         if item is None:
             beam.metrics.Metrics.counter(stats.NAMESPACE, "ignored").inc()
@@ -233,6 +249,7 @@ def build(pipeline: beam.Pipeline, config: PreprocessConfig, spec: InputSpec, ou
         lines = pipeline | "MatchFiles" >> fileio.MatchFiles(spec.glob, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
     listed = (
         lines
+        | "LogListed" >> beam.ParDo(LogListed())
         | "SpreadOverWorkers" >> beam.Reshuffle()
         | "ToInputItems" >> beam.ParDo(ListedFile(spec)).with_outputs(REJECTED, main="items")
     )

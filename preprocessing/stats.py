@@ -21,6 +21,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from preprocessing.tfrecords import SPLITS
 
 NAMESPACE = "preprocessing"
+NO_CLASS = "(none)"  # an input rejected before its class was known (e.g. a manifest row with a blank label)
 OUTCOMES = ("found", "written", "rejected", "duplicates")
 LONG_SIDE_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
