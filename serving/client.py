@@ -507,10 +507,27 @@ def _run(args) -> int:
     return 0
 
 
+def _command_first(argv: list[str]) -> list[str]:
+    """Put the command first (``--server H:P status`` works too); no command means ``predict``."""
+    if not argv or argv[0] in COMMANDS or argv[0] in ("-h", "--help"):
+        return argv
+    probe = argparse.ArgumentParser(add_help=False)
+    _common(probe)
+    takes_value = {opt for action in probe._actions if action.nargs != 0 for opt in action.option_strings}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("-"):
+            i += 2 if token in takes_value else 1
+            continue
+        if token in COMMANDS:
+            return [token] + argv[:i] + argv[i + 1:]
+        break
+    return ["predict"] + argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
-        argv.insert(0, "predict")
+    argv = _command_first(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

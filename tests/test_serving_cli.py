@@ -44,7 +44,7 @@ def test_metadata_and_status_subcommands(grpc_target, capsys):
     assert client_cli.main(["metadata", "--server", grpc_target]) == 0
     out = capsys.readouterr().out
     assert "signature serving_default" in out and "input  image_bytes: string [-1]" in out
-    assert client_cli.main(["status", "--server", grpc_target, "--json"]) == 0
+    assert client_cli.main(["--server", grpc_target, "status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == [
         {"version": 1, "state": "AVAILABLE", "error_code": "OK", "error_message": ""}]
 
