@@ -139,10 +139,8 @@ def decide(new_score: float, export_base: str, test_images: Sequence[bytes], tes
     decision = GateDecision(publish=verdict or forced, reason=reason, new_score=new_score,
                             min_accuracy=float(min_accuracy), previous_version=previous_version,
                             previous_score=previous_score, forced=forced)
-    (log.info if decision.publish else log.warning)(
-        "gate: %s -> %s (new %.4f, version %s %s, minimum %.4f)", "PUBLISH" if decision.publish else "REFUSE",
-        reason, new_score, previous_version if previous_version is not None else "-",
-        "-" if previous_score is None else f"{previous_score:.4f}", float(min_accuracy))
+    (log.info if decision.publish else log.warning)("gate: %s: %s", "PUBLISH" if decision.publish else "REFUSE",
+                                                    reason)
     if out_path:
         _write(decision, out_path, {"num_test_images": len(test_images), "export_base": export_base,
                                     "decided_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
