@@ -1,7 +1,7 @@
 """A small generated photo folder for the demo and the tests.
 
-Each class is a kind of shape drawn in its own colour family on a noisy,
-randomly tinted background, at varied sizes, aspect ratios and positions, saved
+Each class is a kind of shape drawn in its own colour family on a grey,
+cluttered background, at varied sizes, aspect ratios and positions, saved
 as JPEG or PNG. The classes are learnable by a small network trained from
 scratch in a few epochs, yet no two images are the same. ``broken=True`` adds
 a few files the preprocessing job must reject (zero bytes, a truncated JPEG,
@@ -50,15 +50,16 @@ def _colour(rng: random.Random, cls: str) -> tuple[int, int, int]:
 
 def draw_image(cls: str, rng: random.Random, width: int, height: int) -> Image.Image:
     """One synthetic image of ``cls``."""
-    bg = tuple(rng.randint(60, 200) for _ in range(3))
+    grey = rng.randint(70, 190)
+    bg = tuple(max(0, min(255, grey + rng.randint(-12, 12))) for _ in range(3))
     image = Image.new("RGB", (width, height), bg)
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.randint(2, 6)):  # background clutter
+    for _ in range(rng.randint(2, 6)):  # background clutter, colourless so the class colour stays the cue
         x0, y0 = rng.randrange(width), rng.randrange(height)
         x1, y1 = x0 + rng.randint(3, width // 4 + 3), y0 + rng.randint(3, height // 4 + 3)
-        draw.line((x0, y0, x1, y1), fill=tuple(rng.randint(40, 220) for _ in range(3)), width=2)
+        draw.line((x0, y0, x1, y1), fill=(rng.randint(30, 230),) * 3, width=2)
     side = min(width, height)
-    r = rng.uniform(0.25, 0.4) * side
+    r = rng.uniform(0.3, 0.45) * side
     cx = rng.uniform(r, width - r)
     cy = rng.uniform(r, height - r)
     colour = _colour(rng, cls)

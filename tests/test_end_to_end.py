@@ -1,0 +1,37 @@
+"""The demo's steps end to end on a tiny generated dataset: Beam -> Keras Tuner -> SavedModel -> gRPC."""
+
+import pytest
+
+from scripts.demo import DemoConfig, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, mobilenet_weights):
+    workdir = tmp_path_factory.mktemp("e2e")
+    config = DemoConfig(workdir=str(workdir), per_class=16, image_size=48, weights=str(mobilenet_weights),
+                        tuner="random", max_trials=2, epochs=2, batch_size=16)
+    return run(config)
+
+
+def test_every_held_out_image_gets_a_prediction(demo):
+    # 16 per class at a 70/15/15 split leaves 3 test images in each of the 4 classes.
+    assert len(demo.predictions) == 12
+    assert {truth for _, truth, _, _ in demo.predictions} == {"circle", "square", "stripes", "triangle"}
+    assert all(0.0 <= score <= 1.0 for *_, score in demo.predictions)
+
+
+def test_grpc_predictions_match_the_trainers_own_evaluation(demo):
+    assert demo.record_accuracy == pytest.approx(demo.trainer_accuracy)
+
+
+def test_the_model_learned_the_sample_classes(demo):
+    assert demo.accuracy >= 0.5  # chance is 0.25
+
+
+def test_a_second_run_of_the_same_command_works(demo, mobilenet_weights):
+    again = run(DemoConfig(workdir=str(demo.job_dir).rsplit("/job", 1)[0], per_class=16, image_size=48,
+                           weights=str(mobilenet_weights), tuner="random", max_trials=2, epochs=2, batch_size=16))
+    assert len(again.predictions) == len(demo.predictions)
+    assert again.version >= demo.version
