@@ -55,6 +55,9 @@ class ServerConfig:
     max_enqueued_batches: int | None = None
     grpc_max_threads: int = 16
     max_message_bytes: int = 64 * 1024 * 1024
+    ssl_cert_file: str | None = None  # PEM; with ssl_key_file the gRPC port speaks TLS only
+    ssl_key_file: str | None = None
+    ssl_client_ca_file: str | None = None  # PEM; when set, clients must present a certificate it signed
     drain_seconds: float = 30.0
     warmup: bool = True
 
@@ -238,7 +241,15 @@ class ModelServer:
         model_grpc.add_ModelServiceServicer_to_server(model, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
-        self.port = self._grpc.add_insecure_port(address)
+        if cfg.ssl_cert_file:
+            with open(cfg.ssl_key_file, "rb") as key, open(cfg.ssl_cert_file, "rb") as cert:
+                pair = (key.read(), cert.read())
+            client_ca = open(cfg.ssl_client_ca_file, "rb").read() if cfg.ssl_client_ca_file else None
+            credentials = grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                                      require_client_auth=client_ca is not None)
+            self.port = self._grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self._grpc.add_insecure_port(address)
         if not self.port:
             raise OSError(f"cannot listen on {address} for gRPC (port in use?)")
         self._grpc.start()
@@ -323,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gRPC worker threads (default: %(default)s)")
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
                    help="largest gRPC message accepted or sent (default: %(default)s)")
+    p.add_argument("--ssl-cert", help="PEM server certificate: serve gRPC over TLS (with --ssl-key)")
+    p.add_argument("--ssl-key", help="PEM private key of --ssl-cert")
+    p.add_argument("--ssl-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)")
     p.add_argument("--drain-seconds", type=float, default=d.drain_seconds,
                    help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
@@ -341,7 +355,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         batching_parameters_file=args.batching_parameters_file, max_batch_size=args.max_batch_size,
         batch_timeout_micros=args.batch_timeout_micros, num_batch_threads=args.num_batch_threads,
         max_enqueued_batches=args.max_enqueued_batches, grpc_max_threads=args.grpc_max_threads,
-        max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds, warmup=args.warmup)
+        max_message_bytes=args.max_message_bytes, ssl_cert_file=args.ssl_cert, ssl_key_file=args.ssl_key,
+        ssl_client_ca_file=args.ssl_client_ca, drain_seconds=args.drain_seconds, warmup=args.warmup)
 
 
 def _check(config: ServerConfig) -> None:
@@ -358,6 +373,11 @@ def _check(config: ServerConfig) -> None:
     if config.batching_parameters_file and not os.path.isfile(config.batching_parameters_file):
         raise ValueError(f"--batching-parameters-file {config.batching_parameters_file} not found")
     config.batching()
+    if bool(config.ssl_cert_file) != bool(config.ssl_key_file):
+        raise ValueError("--ssl-cert and --ssl-key go together")
+    for path in (config.ssl_cert_file, config.ssl_key_file, config.ssl_client_ca_file):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{path} not found")
     for port in (config.port, config.rest_port):
         if not -1 <= port <= 65535:
             raise ValueError(f"port {port} is out of range")

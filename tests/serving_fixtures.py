@@ -1,10 +1,13 @@
 """Shared pieces for the export and serving tests: a tiny trained classifier,
 the test split's encoded images, and a session-wide exported model.
 
-Import the fixtures into a test module with
-``from serving_fixtures import tiny_model, split_images, exported_base  # noqa: F401``.
+Register the fixtures in a test module with ``pytest_plugins = ["serving_fixtures"]``:
+a plugin is registered once, so the session fixtures are built once per run
+(importing them into several modules would make one copy per module).
 The model is a few layers on 32x32 inputs trained for a few steps on the
 ``tfrecord_data`` fixture so that its predictions are not uniform.
+
+PYTEST_DONT_REWRITE (test modules import helpers from here before pytest loads it as a plugin).
 """
 
 from __future__ import annotations

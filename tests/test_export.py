@@ -9,12 +9,14 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
-from serving_fixtures import IMAGE_SIZE, export_tiny, exported_base, split_images, tiny_model  # noqa: F401
+from serving_fixtures import IMAGE_SIZE, export_tiny
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
 from preprocessing import tfrecords
 from trainer import export
+
+pytest_plugins = ["serving_fixtures"]  # one registration: session fixtures built once per run
 
 
 def _signatures(version_dir) -> dict:

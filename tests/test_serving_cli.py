@@ -7,11 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from serving_fixtures import exported_base, expected_outputs, grpc_target, serving_server, split_images, tiny_model  # noqa: F401
 
 from serving import client as client_cli
 from serving import loadtest as loadtest_cli
 from serving import server as server_cli
+
+pytest_plugins = ["serving_fixtures"]  # one registration: session fixtures built once per run
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,15 @@ import pathlib
 
 import pytest
 from google.protobuf import text_format
-from serving_fixtures import exported_base, split_images, start_server, tiny_model  # noqa: F401
+from serving_fixtures import start_server
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving import protos
 from serving.batching import BatchingConfig
 from serving.client import PredictionClient
 from serving.metrics import PROMETHEUS_PATH
+
+pytest_plugins = ["serving_fixtures"]  # one registration: session fixtures built once per run
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "serving" / "config"
 

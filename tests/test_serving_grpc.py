@@ -11,13 +11,14 @@ import pytest
 import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from serving_fixtures import (exported_base, expected_outputs, grpc_target, serving_server,  # noqa: F401
-                              split_images, start_server, tiny_model)
+from serving_fixtures import start_server
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 
 from serving.client import PredictionClient, ServingClientError, VersionStatus
 from serving.loadtest import LoadTestConfig, run_load
+
+pytest_plugins = ["serving_fixtures"]  # one registration: session fixtures built once per run
 
 
 @pytest.fixture()
@@ -316,3 +317,20 @@ def test_undecodable_png_header_is_invalid_argument(stubs):
     truncated = buf.getvalue()[:20]
     code, _ = _code(predict.Predict, _request([truncated]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_tls_clients_get_answers_and_plaintext_clients_do_not(exported_base, split_images, tmp_path):
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    with start_server(exported_base, rest_port=-1, ssl_cert_file=str(cert), ssl_key_file=str(key)) as server:
+        target = f"127.0.0.1:{server.port}"
+        with PredictionClient(target, tls=True, root_certificates=str(cert)) as secure:
+            assert secure.predict(split_images["test"][:1])[0].model_version == 1
+        with PredictionClient(target, retries=0, timeout=5) as plaintext:
+            with pytest.raises(ServingClientError) as info:
+                plaintext.status()
+    assert info.value.code == "UNAVAILABLE"

@@ -12,10 +12,12 @@ import threading
 import time
 
 import pytest
-from serving_fixtures import export_tiny, split_images, start_server, tiny_model  # noqa: F401
+from serving_fixtures import export_tiny, start_server
 
 from serving.client import PredictionClient, VersionStatus
 from serving.loadtest import LoadTestConfig, run_load
+
+pytest_plugins = ["serving_fixtures"]  # one registration: session fixtures built once per run
 
 
 def _wait_for(predicate, timeout=30.0, interval=0.05):

@@ -9,7 +9,8 @@ import urllib.request
 
 import numpy as np
 import pytest
-from serving_fixtures import exported_base, expected_outputs, serving_server, split_images, tiny_model  # noqa: F401
+
+pytest_plugins = ["serving_fixtures"]  # one registration: session fixtures built once per run
 
 
 @pytest.fixture(scope="module")
