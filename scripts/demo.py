@@ -60,6 +60,7 @@ class DemoResult:
     accuracy: float  # on the original test photos, through gRPC
     record_accuracy: float  # on the test records' bytes, through gRPC
     trainer_accuracy: float  # eval/metrics.json of the same model
+    seconds: dict  # wall time of each stage
 
 
 SHARED_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "shared",
@@ -166,11 +167,15 @@ def run(config: DemoConfig) -> DemoResult:
     else:
         _step(f"1/5 use the photos in {images}")
 
+    seconds = {}
     _step("2/5 preprocessing: Beam job -> TFRecords")
+    started = time.monotonic()
     _run([py, "-m", "preprocessing", "--input", images, "--output", data_dir,
           "--image-size", str(config.image_size), "--overwrite"])
 
+    seconds["preprocessing"] = time.monotonic() - started
     _step("3/5 trainer: Keras Tuner search, final fit, evaluation, export")
+    started = time.monotonic()
     _run([py, "-m", "trainer", "--data", data_dir, "--job-dir", job_dir,
           "--backbone", config.backbone, "--weights", weights,
           "--image-size", str(config.image_size), "--tuner", config.tuner,
@@ -179,11 +184,13 @@ def run(config: DemoConfig) -> DemoResult:
 
     from trainer.export import latest_version
 
+    seconds["trainer"] = time.monotonic() - started
     version = latest_version(export_base)
     if version is None:
         raise SystemExit(f"demo: the trainer published no model version under {export_base}")
 
     _step(f"4/5 serving: development server on 127.0.0.1, model {MODEL_NAME!r} version {version}")
+    started = time.monotonic()
     port, rest_port = _free_port(), _free_port()
     server, _ = _start([py, "-m", "serving.server", "--model-base-path", export_base,
                         "--model-name", MODEL_NAME, "--port", str(port), "--rest-port", str(rest_port)])
@@ -192,6 +199,8 @@ def run(config: DemoConfig) -> DemoResult:
 
         client = PredictionClient(f"127.0.0.1:{port}", MODEL_NAME)
         client.wait_until_ready(timeout=120)
+        seconds["server start"] = time.monotonic() - started
+        started = time.monotonic()
         _step("5/5 client: held-out test images through gRPC")
         items = _test_split(data_dir)
         if not items:
@@ -200,6 +209,7 @@ def run(config: DemoConfig) -> DemoResult:
         predictions = client.predict(paths)
         rows = [(path, truth, prediction.label, prediction.score)
                 for (path, truth, _), prediction in zip(items, predictions)]
+        seconds["gRPC predictions (photos)"] = time.monotonic() - started
         record_predictions = client.predict([encoded for _, _, encoded in items])
         record_accuracy = sum(p.label == truth for (_, truth, _), p in zip(items, record_predictions)) / len(items)
         client.close()
@@ -227,7 +237,7 @@ def run(config: DemoConfig) -> DemoResult:
           f"\n  evaluation (metrics.json, PNGs):  {os.path.join(job_dir, 'eval')}"
           f"\n  SavedModel:                       {os.path.join(export_base, str(version))}"
           f"\n  TensorBoard:                      tensorboard --logdir {os.path.join(job_dir, 'tensorboard')}")
-    return DemoResult(data_dir, job_dir, version, rows, accuracy, record_accuracy, trainer_accuracy)
+    return DemoResult(data_dir, job_dir, version, rows, accuracy, record_accuracy, trainer_accuracy, seconds)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
