@@ -42,7 +42,7 @@ from typing import Iterable, Sequence, Union
 import numpy as np
 
 ImageInput = Union[str, os.PathLike, bytes]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 HEALTH_SERVICE = "tensorflow.serving.PredictionService"
@@ -137,6 +137,7 @@ class ClientOptions:
     client_certificate: str | None = None  # PEM, for mutual TLS
     client_key: str | None = None
     labels: tuple[str, ...] | None = None  # class names, if the model has no string output
+    convert_unsupported: bool = True  # re-encode WebP/TIFF/... as PNG before sending
 
 
 def _read_pem(path: str | None) -> bytes | None:
@@ -157,13 +158,44 @@ def _text(value) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def read_image(item: ImageInput) -> tuple[str, bytes]:
-    """``(source, bytes)`` of a path or of raw bytes."""
+_DECODABLE = (b"\xff\xd8\xff", b"\x89PNG", b"GIF87a", b"GIF89a", b"BM")  # what the serving graph decodes
+
+
+def to_decodable(data: bytes) -> bytes:
+    """``data`` unchanged if it is JPEG/PNG/GIF/BMP, else (WebP, TIFF...) re-encoded losslessly as PNG.
+
+    The serving graph decodes with ``tf.io.decode_image``, which knows only
+    those four formats; preprocessing reads the others with Pillow, so the
+    client does the same before sending. Undecodable bytes are sent as they are
+    and the server answers INVALID_ARGUMENT.
+    """
+    if data.startswith(_DECODABLE):
+        return data
+    try:
+        import io
+
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a project dependency
+        return data
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+            out = io.BytesIO()
+            image.save(out, format="PNG")
+            return out.getvalue()
+    except Exception:  # noqa: BLE001 - not an image Pillow knows either: let the server say so
+        return data
+
+
+def read_image(item: ImageInput, convert: bool = True) -> tuple[str, bytes]:
+    """``(source, bytes)`` of a path or of raw bytes (see :func:`to_decodable` for ``convert``)."""
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return f"<{len(item)} bytes>", bytes(item)
-    path = os.fspath(item)
-    with open(path, "rb") as handle:
-        return path, handle.read()
+        source, data = f"<{len(item)} bytes>", bytes(item)
+    else:
+        source = os.fspath(item)
+        with open(source, "rb") as handle:
+            data = handle.read()
+    return source, to_decodable(data) if convert else data
 
 
 class PredictionClient:
@@ -349,7 +381,7 @@ class PredictionClient:
 
     def predict(self, images: Iterable[ImageInput]) -> list[Prediction]:
         """Classify images (paths or encoded bytes), ``batch_size`` per request, in order."""
-        items = [read_image(item) for item in images]
+        items = [read_image(item, self.options.convert_unsupported) for item in images]
         _, probs_name, label_name = self.resolve_signature()
         known = self.options.labels
         results: list[Prediction] = []

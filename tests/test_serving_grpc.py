@@ -334,3 +334,12 @@ def test_tls_clients_get_answers_and_plaintext_clients_do_not(exported_base, spl
             with pytest.raises(ServingClientError) as info:
                 plaintext.status()
     assert info.value.code == "UNAVAILABLE"
+
+
+def test_formats_the_graph_cannot_decode_are_sent_as_png(client, split_images, expected_outputs):
+    jpeg = Image.open(io.BytesIO(split_images["test"][0]))
+    webp = io.BytesIO()
+    jpeg.save(webp, format="WEBP", lossless=True)
+    [p] = client.predict([webp.getvalue()])
+    assert p.label == expected_outputs["labels"][0]
+    np.testing.assert_allclose(p.probabilities, expected_outputs["probabilities"][0], atol=1e-5)
