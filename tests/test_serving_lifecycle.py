@@ -119,3 +119,15 @@ def test_sigterm_drains_the_request_in_flight_then_exits_zero(tiny_model, split_
     reader.join(timeout=5)
     assert outcome["p"][0].model_version == 1
     assert any("received SIGTERM: draining" in line for line in lines)
+
+
+def test_a_server_started_before_any_export_becomes_ready_when_the_first_version_lands(tiny_model, split_images,
+                                                                                        tmp_path):
+    model, labels = tiny_model
+    with start_server(tmp_path, rest_port=-1) as server:
+        with PredictionClient(f"127.0.0.1:{server.port}", retries=0) as client:
+            with pytest.raises(TimeoutError, match="NOT_SERVING"):
+                client.wait_until_ready(timeout=0.5)
+            export_tiny(model, labels, tmp_path, split_images["test"][:2])
+            client.wait_until_ready(timeout=30)
+            assert client.predict(split_images["test"][:1])[0].model_version == 1
