@@ -24,7 +24,7 @@ import time
 import uuid
 
 from trainer.backbones import Backbone
-from trainer.data import DataInfo, image_dataset
+from trainer.data import DataInfo, batch_for_replicas, image_dataset
 
 log = logging.getLogger("trainer.bottleneck")
 
@@ -157,7 +157,7 @@ class FeatureCache:
                 tf.io.gfile.rmtree(tmp)
         return count[0]
 
-    def dataset(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0):
+    def dataset(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, replicas: int = 1):
         """Batches of ``(features float32, labels int32)`` read back from the cache."""
         import tensorflow as tf
 
@@ -166,4 +166,5 @@ class FeatureCache:
         if shuffle:
             dataset = dataset.shuffle(min(max(self.info.size(split), 1), 10000), seed=seed,
                                       reshuffle_each_iteration=True)
-        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        dataset = batch_for_replicas(dataset, batch_size, self.info.size(split), replicas, train=shuffle)
+        return dataset.prefetch(tf.data.AUTOTUNE)

@@ -175,9 +175,28 @@ def _records(info: DataInfo, split: str, *, shuffle: bool, seed: int):
     return dataset.map(lambda e: (e[tfrecords.ENCODED], e[tfrecords.LABEL]))
 
 
+def batch_for_replicas(dataset, batch_size: int, count: int, replicas: int = 1, *, train: bool = False):
+    """Batch so that every batch splits evenly over ``replicas`` (several replicas only).
+
+    Keras 3 on a ``MirroredStrategy`` fails on a final batch that does not
+    split evenly over the replicas. Training batches drop the remainder;
+    evaluation batches keep all but fewer than ``replicas`` examples (the tail
+    goes in batches of ``replicas``).
+    """
+    if replicas <= 1:
+        return dataset.batch(batch_size)
+    batch_size = max(replicas, (batch_size // replicas) * replicas)
+    if train:
+        batch_size = max(replicas, min(batch_size, (count // replicas) * replicas))
+        return dataset.batch(batch_size, drop_remainder=True)
+    full = (count // batch_size) * batch_size
+    return dataset.take(full).batch(batch_size, drop_remainder=True).concatenate(
+        dataset.skip(full).batch(replicas, drop_remainder=True))
+
+
 def image_dataset(info: DataInfo, split: str, image_size: tuple[int, int], batch_size: int, *,
                   shuffle: bool = False, seed: int = 0, augmenter=None, cache: str | None = None,
-                  repeat: bool = False):
+                  repeat: bool = False, replicas: int = 1):
     """Batches of ``(images float32 [B, H, W, 3] in [0, 255], labels int32 [B])`` of one split.
 
     ``cache`` is None, ``"memory"`` or a file path prefix (decoded images are
@@ -203,7 +222,7 @@ def image_dataset(info: DataInfo, split: str, image_size: tuple[int, int], batch
         dataset = dataset.shuffle(min(max(info.size(split), 1), 4096), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
-    dataset = dataset.batch(batch_size)
+    dataset = batch_for_replicas(dataset, batch_size, info.size(split), replicas, train=shuffle)
     if shuffle and augmenter is not None:
         dataset = augment_dataset(dataset, augmenter)
     return dataset.prefetch(tf.data.AUTOTUNE)

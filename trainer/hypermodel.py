@@ -348,7 +348,7 @@ class TransferHyperModel(kt.HyperModel):
         backbone_model = _find_backbone(model)
         head = model.get_layer("head")
         try:
-            with _scope(self.strategy):
+            with strategy_scope(self.strategy):
                 self.last_history = {}
                 result = None
                 if not (warm and depth > 0):
@@ -411,7 +411,9 @@ def _best(history: dict) -> dict[str, float]:
             "accuracy": float(history["accuracy"][best]), "loss": float(history["loss"][best])}
 
 
-class _scope:
+class strategy_scope:
+    """``strategy.scope()``, or nothing when there is no strategy."""
+
     def __init__(self, strategy):
         self.strategy = strategy
         self.context = None

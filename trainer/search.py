@@ -37,40 +37,49 @@ def _tuner_classes() -> dict:
 
 
 class _ProgressMixin:
-    """Logs trial n of N, its hyperparameters, its score and the time left."""
+    """Logs trial n of N, its hyperparameters, its score and the time left.
+
+    Works on a distributed-tuning worker too, whose oracle is a gRPC client
+    that knows only ``max_trials`` and single trials.
+    """
 
     _trial_started = 0.0
-    _durations: list
 
     def on_trial_begin(self, trial):
         super().on_trial_begin(trial)
         self._trial_started = time.perf_counter()
-        total = self.oracle.max_trials or "?"
         values = ", ".join(f"{k}={_short(v)}" for k, v in trial.hyperparameters.values.items()
                            if not k.startswith("tuner/"))
-        log.info("trial %s of %s starting: %s", len(self.oracle.trials), total, values)
+        log.info("trial %s of %s starting: %s", _number(trial), self.oracle.max_trials or "?", values)
 
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
         took = time.perf_counter() - self._trial_started
-        if not hasattr(self, "_durations"):
-            self._durations = []
-        self._durations.append(took)
-        done = len(self.oracle.trials)
-        total = self.oracle.max_trials
+        self.__dict__.setdefault("durations", []).append(took)
+        self.__dict__.setdefault("statuses", {})
+        number, total = _number(trial), self.oracle.max_trials
         left = ""
-        if total:
-            remaining = max(0, total - done) * sum(self._durations) / len(self._durations)
-            left = f"; about {_duration(remaining)} left for {max(0, total - done)} more"
-        status = getattr(trial.status, "value", trial.status)
+        if total and isinstance(number, int):
+            durations = self.__dict__["durations"]
+            remaining = max(0, total - number)
+            left = f"; about {_duration(remaining * sum(durations) / len(durations))} left for {remaining} more"
+        status = str(getattr(trial.status, "value", trial.status))
+        self.__dict__["statuses"][status] = self.__dict__["statuses"].get(status, 0) + 1
         score = self.oracle.get_trial(trial.trial_id).score if status == "COMPLETED" else None
         if score is None:
             message = (getattr(trial, "message", None) or "").strip().splitlines()
-            log.warning("trial %s of %s %s after %s%s%s", done, total or "?", str(status).lower(), _duration(took),
+            log.warning("trial %s of %s %s after %s%s%s", number, total or "?", status.lower(), _duration(took),
                         f" ({message[-1][:200]})" if message else "", left)
         else:
-            log.info("trial %s of %s done in %s: val_accuracy %.4f%s", done, total or "?", _duration(took), score,
+            log.info("trial %s of %s done in %s: val_accuracy %.4f%s", number, total or "?", _duration(took), score,
                      left)
+
+
+def _number(trial):
+    try:
+        return int(trial.trial_id) + 1
+    except (TypeError, ValueError):
+        return trial.trial_id
 
 
 def _short(value) -> str:
@@ -164,9 +173,12 @@ def run_search(tuner, config: TrainConfig, callbacks: list) -> None:
         raise
 
 
-def trial_counts(oracle) -> dict[str, int]:
+def trial_counts(tuner) -> dict[str, int]:
+    """Trials per status: all of the search's, or, on a distributed-tuning worker, the ones it ran."""
+    if not hasattr(tuner.oracle, "trials") or type(tuner.oracle).__name__ == "OracleClient":
+        return dict(tuner.__dict__.get("statuses", {}))
     counts: dict[str, int] = {}
-    for trial in oracle.trials.values():
+    for trial in tuner.oracle.trials.values():
         status = str(getattr(trial.status, "value", trial.status))
         counts[status] = counts.get(status, 0) + 1
     return counts

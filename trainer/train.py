@@ -101,10 +101,11 @@ def run(config: TrainConfig, placement=None) -> dict:
 
     def images(split, augment=False):
         return data.image_dataset(info, split, image_size, batch, shuffle=(split == "train"), seed=config.seed,
-                                  augmenter=augmenter if augment else None, cache=config.cache_images)
+                                  augmenter=augmenter if augment else None, cache=config.cache_images,
+                                  replicas=placement.replicas)
 
     def features(split):
-        return cache.dataset(split, batch, shuffle=(split == "train"), seed=config.seed)
+        return cache.dataset(split, batch, shuffle=(split == "train"), seed=config.seed, replicas=placement.replicas)
 
     inputs = hypermodel.TrialInputs(features, images, weights)
     model_builder = hypermodel.TransferHyperModel(
@@ -117,7 +118,7 @@ def run(config: TrainConfig, placement=None) -> dict:
         search.record_identity(config, identity)
     callbacks = [keras.callbacks.TensorBoard(log_dir=os.path.join(config.tensorboard_dir, "search"))]
     search.run_search(tuner, config, callbacks)
-    counts = search.trial_counts(tuner.oracle)
+    counts = search.trial_counts(tuner)
     log.info("search finished: %s", ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
     if role == "worker":
         return {"role": "worker", "trials": counts}
@@ -150,9 +151,17 @@ def retrain(model_builder, hyperparameters, config: TrainConfig):
     values = hyperparameters.copy()
     for key in [k for k in values.values if k.startswith("tuner/")]:
         values.values.pop(key)
-    model = model_builder.build(values)
+    from trainer.hypermodel import strategy_scope
+
+    with strategy_scope(model_builder.strategy):
+        model = model_builder.build(values)
     board = keras.callbacks.TensorBoard(log_dir=os.path.join(config.tensorboard_dir, "final"))
     model_builder.fit(values, model, epochs=epochs, callbacks=[board])
+    if model_builder.strategy is not None:
+        # Evaluation and export get a plain copy: Keras's predict on a distributed model pads uneven batches.
+        plain = model_builder.build(values)
+        plain.set_weights(model.get_weights())
+        model = plain
     return model, dict(model_builder.last_history)
 
 
