@@ -202,6 +202,7 @@ class ModelServer:
         self._rest_thread = None
         self._health = None
         self._stopped = threading.Event()
+        self._announced: int | None = None
 
     def start(self) -> "ModelServer":
         import grpc
@@ -220,6 +221,10 @@ class ModelServer:
         def on_change(manager):
             versions = manager.available_versions()
             self.metrics.available_versions.labels(manager.name).set(len(versions))
+            if versions and self.port is not None and versions[-1] != self._announced:
+                log.info("now serving model %s version %d (loaded: %s)", manager.name, versions[-1],
+                         ", ".join(map(str, versions)))
+            self._announced = versions[-1] if versions else None
             if versions and not self._stopped.is_set():
                 for service in HEALTH_SERVICES:
                     self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
