@@ -60,6 +60,7 @@ class ServerConfig:
     ssl_client_ca_file: str | None = None  # PEM; when set, clients must present a certificate it signed
     drain_seconds: float = 30.0
     warmup: bool = True
+    health_service: bool = True  # False behaves like TF Serving, which has no grpc.health.v1
 
     def model_settings(self) -> tuple[str, str, str, dict[str, int]]:
         """(name, base path, version policy, labels): the flags, filled in from ``model_config_file``.
@@ -244,7 +245,8 @@ class ModelServer:
         prediction, model, prediction_grpc, model_grpc = _servicers(self.core)
         prediction_grpc.add_PredictionServiceServicer_to_server(prediction, self._grpc)
         model_grpc.add_ModelServiceServicer_to_server(model, self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        if cfg.health_service:
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
         if cfg.ssl_cert_file:
             with open(cfg.ssl_key_file, "rb") as key, open(cfg.ssl_cert_file, "rb") as cert:
@@ -346,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="do not replay assets.extra/tf_serving_warmup_requests")
+    p.add_argument("--no-health-service", dest="health_service", action="store_false",
+                   help="do not answer grpc.health.v1 (as TF Serving does not), to test clients against that")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -361,7 +365,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         batch_timeout_micros=args.batch_timeout_micros, num_batch_threads=args.num_batch_threads,
         max_enqueued_batches=args.max_enqueued_batches, grpc_max_threads=args.grpc_max_threads,
         max_message_bytes=args.max_message_bytes, ssl_cert_file=args.ssl_cert, ssl_key_file=args.ssl_key,
-        ssl_client_ca_file=args.ssl_client_ca, drain_seconds=args.drain_seconds, warmup=args.warmup)
+        ssl_client_ca_file=args.ssl_client_ca, drain_seconds=args.drain_seconds, warmup=args.warmup,
+        health_service=args.health_service)
 
 
 def _check(config: ServerConfig) -> None:

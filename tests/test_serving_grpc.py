@@ -343,3 +343,13 @@ def test_formats_the_graph_cannot_decode_are_sent_as_png(client, split_images, e
     [p] = client.predict([webp.getvalue()])
     assert p.label == expected_outputs["labels"][0]
     np.testing.assert_allclose(p.probabilities, expected_outputs["probabilities"][0], atol=1e-5)
+
+
+def test_wait_until_ready_falls_back_to_model_status_on_a_server_without_health_service(exported_base):
+    with start_server(exported_base, rest_port=-1, health_service=False) as server:
+        with PredictionClient(f"127.0.0.1:{server.port}") as client:
+            client.wait_until_ready(timeout=30)
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                with pytest.raises(grpc.RpcError) as info:
+                    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
