@@ -69,11 +69,12 @@ class BatchingConfig:
 
 
 class _Task:
-    __slots__ = ("inputs", "size", "done", "result", "error")
+    __slots__ = ("inputs", "size", "done", "result", "error", "enqueued")
 
     def __init__(self, inputs: dict[str, np.ndarray], size: int):
         self.inputs = inputs
         self.size = size
+        self.enqueued = time.monotonic()
         self.done = threading.Event()
         self.result: dict[str, np.ndarray] | None = None
         self.error: BaseException | None = None
@@ -142,7 +143,7 @@ class Batcher:
                 self._cond.wait()
             if not self._queue:
                 return None
-            deadline = time.monotonic() + timeout
+            deadline = self._queue[0].enqueued + timeout  # the batch's clock starts with its first request
             while self._queue and self._queued_rows < limit and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
