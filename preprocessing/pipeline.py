@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from typing import Iterable
 
@@ -110,6 +111,19 @@ class ListedFile(beam.DoFn):
         yield item
 
 
+def _import_example_protos() -> None:
+    """Import TensorFlow's Example protos (what ``serialize_example`` needs) in the background.
+
+    The import costs each worker seconds of CPU; started while the worker
+    reads and hashes files (mostly I/O, sha256 releases the GIL), it is done
+    by the time the first image is converted instead of delaying it.
+    """
+    try:
+        from tensorflow.core.example import example_pb2  # noqa: F401
+    except Exception:  # noqa: BLE001 - Convert.setup imports again and reports a real failure
+        pass
+
+
 class ReadAndHash(beam.DoFn):
     """Read a file, hash it and check its header: ``(sha256, item with its split)`` or a rejection.
 
@@ -125,6 +139,7 @@ class ReadAndHash(beam.DoFn):
 
     def setup(self) -> None:
         self.progress = stats.WorkerProgress("files read and hashed", self.progress_seconds)
+        threading.Thread(target=_import_example_protos, name="import-tensorflow", daemon=True).start()
 
     def process(self, item: InputItem) -> Iterable:
         try:
@@ -171,7 +186,9 @@ class Convert(beam.DoFn):
         self.config = config
 
     def setup(self) -> None:
-        from preprocessing.tfrecords import serialize_example  # imports TensorFlow's protos once per worker
+        from tensorflow.core.example import example_pb2  # noqa: F401 - usually already imported by ReadAndHash
+
+        from preprocessing.tfrecords import serialize_example
 
         self.serialize = serialize_example
         self.progress = stats.WorkerProgress("images converted", self.config.progress_seconds)
