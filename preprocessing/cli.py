@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                         help="reject images with more pixels than this, before decoding them (default %(default)s)")
     parser.add_argument("--num-shards", type=int, default=_DEFAULTS.num_shards, metavar="N",
-                        help="TFRecord shards per split; 0 lets the runner choose (default %(default)s)")
+                        help="TFRecord shards per split; 0 lets the runner choose and streams, a fixed number adds a "
+                             "shuffle of the records (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--progress-seconds", type=float, default=_DEFAULTS.progress_seconds, metavar="S",
                         help="seconds between progress lines; 0 turns them off (default %(default)s)")

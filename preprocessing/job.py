@@ -83,6 +83,7 @@ def run(config: PreprocessConfig, beam_args: list[str] | None = None) -> dict:
         "labels": labels,
         "empty_class_folders": list(spec.empty_class_folders),
         "ignored_files": int(counters.get("ignored", 0)),
+        "duplicate_label_conflicts": int(counters.get("duplicate_label_conflicts", 0)),
         "errors_file": FileSystems.join(staging.output, ERRORS_FILE),
         "run": {
             "runner": choice.description,

@@ -174,9 +174,14 @@ def keep_first(element) -> Iterable:
     """Of the files sharing one sha256, keep one (earliest split, then path) and count the rest."""
     digest, items = element
     ordered = sorted(items, key=lambda item: (SPLITS.index(item.split), item.path))
+    kept = ordered[0]
     for duplicate in ordered[1:]:
         stats.count("duplicates", duplicate.split, duplicate.label)
-    yield digest, ordered[0]
+        if duplicate.label != kept.label:
+            beam.metrics.Metrics.counter(stats.NAMESPACE, "duplicate_label_conflicts").inc()
+            _log.warning("same image, different labels: kept %s (%s), dropped %s (%s)",
+                         kept.path, kept.label, duplicate.path, duplicate.label)
+    yield digest, kept
 
 
 class Convert(beam.DoFn):

@@ -137,7 +137,9 @@ def test_exact_duplicates_are_written_once(awkward):
     assert len(shas) == len(set(shas))
     ids = {record["image/source_id"] for record in records}
     assert str(root / "cat" / "plain_0.jpg") in ids and str(root / "dog" / "copy of cat plain_0.jpg") not in ids
-    assert readback.read_stats(str(out))["by_class"]["dog"]["duplicates"] == 1
+    stats = readback.read_stats(str(out))
+    assert stats["by_class"]["dog"]["duplicates"] == 1
+    assert stats["duplicate_label_conflicts"] == 1  # the copy sits in dog/, the kept original in cat/
 
 
 def test_labels_are_the_non_empty_class_folders_sorted_and_ids_match(awkward):

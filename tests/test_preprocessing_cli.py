@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -112,3 +113,19 @@ def test_default_runner_uses_worker_processes_and_needs_no_network(tmp_path):
     assert "3 rejected inputs are listed with their reasons in" in proc.stderr
     assert {e["path"].rsplit("/", 1)[-1] for e in readback.read_errors(str(out))} == {
         "broken_empty.jpg", "broken_truncated.jpg", "broken_not_an_image.jpg"}
+
+
+def test_size_mode_and_format_flags_reach_the_records_and_stats(tmp_path):
+    root = _two_classes(tmp_path / "in")
+    out = tmp_path / "d"
+    assert main(["--input", str(root), "--output", str(out), "--image-size", "48x32", "--resize-mode", "pad",
+                 "--image-format", "png", "--num-shards", "1", *IN_PROCESS]) == 0
+    options = readback.read_stats(str(out))["options"]
+    assert (options["image_size"], options["resize_mode"], options["image_format"]) == ([32, 48], "pad", "png")
+    records = [r for split in ("train", "validation", "test") for r in readback.read_records(str(out), split)]
+    assert len(records) == 6
+    for record in records:
+        image = Image.open(io.BytesIO(record["image/encoded"]))
+        assert (image.format, image.size, record["image/format"]) == ("PNG", (48, 32), "png")
+        assert (record["image/height"], record["image/width"]) == (32, 48)
+    assert sorted(p.name for p in out.glob("train-*")) == ["train-00000-of-00001.tfrecord"]
