@@ -44,6 +44,30 @@ def test_tensorboard_has_scalars_per_trial_and_for_the_final_fit(searched_job):
     assert list((searched_job / "tensorboard" / "final").rglob("events.out.tfevents.*"))
 
 
+def _hparams_tags(accumulator) -> dict:
+    try:
+        return accumulator.PluginTagToContent("hparams")
+    except KeyError:
+        return {}
+
+
+def test_tensorboard_has_the_hparams_table_of_every_trial(searched_job):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    root = searched_job / "tensorboard" / "search"
+    sessions = 0
+    for run in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
+        if not list(run.glob("events.out.tfevents.*")):
+            continue
+        accumulator = event_accumulator.EventAccumulator(str(run))
+        accumulator.Reload()
+        tags = _hparams_tags(accumulator)
+        sessions += "_hparams_/session_start_info" in tags
+        if run == root:
+            assert "_hparams_/experiment" in tags
+    assert sessions == 2
+
+
 def test_best_hyperparameters_are_the_winning_trials_values_and_score(searched_job):
     best = json.loads((searched_job / "best_hyperparameters.json").read_text())
     trial = json.loads((searched_job / "tuner" / f"trial_{best['trial_id']}" / "trial.json").read_text())

@@ -25,6 +25,7 @@ import copy
 import json
 import logging
 import math
+import os
 from typing import Any, Callable
 
 import keras
@@ -340,8 +341,7 @@ class TransferHyperModel(kt.HyperModel):
         callbacks = list(callbacks or [])
         checkpoints = [cb for cb in callbacks if type(cb).__name__ == "SaveBestEpoch"]
         callbacks = [cb for cb in callbacks if cb not in checkpoints]
-        once = [cb for cb in callbacks if type(cb).__module__.startswith("tensorboard.plugins.hparams")]
-        callbacks = [cb for cb in callbacks if cb not in once]
+        callbacks, hparams = _own_hparams_logger(callbacks, hp)
         budget = max(1, int(epochs or self.epochs) - int(initial_epoch or 0))
         warm = "tuner/trial_id" in hp.values
         depth = hp.get("finetune_depth")
@@ -355,7 +355,7 @@ class TransferHyperModel(kt.HyperModel):
                     head.compile(optimizer=self._optimizer(hp, hp.get("head_learning_rate")),
                                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
                     history = head.fit(self.inputs.features("train"), validation_data=self.inputs.features("validation"),
-                                       epochs=budget, callbacks=self._callbacks(callbacks + (once if depth == 0 else [])),
+                                       epochs=budget, callbacks=self._callbacks(callbacks + hparams),
                                        class_weight=self.inputs.class_weight, shuffle=False, verbose=self.verbose)
                     self.last_history["phase1"] = _check_history(history.history, "head")
                     result = _best(history.history)
@@ -367,7 +367,7 @@ class TransferHyperModel(kt.HyperModel):
                     history = model.fit(self.inputs.images("train", augment=True),
                                         validation_data=self.inputs.images("validation", augment=False),
                                         initial_epoch=start, epochs=start + budget,
-                                        callbacks=self._callbacks(callbacks + once),
+                                        callbacks=self._callbacks(callbacks + hparams),
                                         class_weight=self.inputs.class_weight, shuffle=False, verbose=self.verbose)
                     self.last_history["phase2"] = _check_history(history.history, "fine-tune")
                     result = _best(history.history)
@@ -387,6 +387,25 @@ class TransferHyperModel(kt.HyperModel):
                 keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience,
                                               restore_best_weights=True),
                 *callbacks]
+
+
+def _own_hparams_logger(callbacks: list, hp: kt.HyperParameters) -> tuple[list, list]:
+    """Swap Keras Tuner's hparams callback (one fit only) for :func:`trainer.reports.hparams_callback`.
+
+    Keras Tuner adds TensorBoard's hparams callback next to a ``TensorBoard``
+    callback, pointed at the trial's own run; that callback cannot span the
+    two phases of a trial, the project's logger can.
+    """
+    keras_tuner_hparams = [cb for cb in callbacks if type(cb).__module__.startswith("tensorboard.plugins.hparams")]
+    rest = [cb for cb in callbacks if cb not in keras_tuner_hparams]
+    boards = [cb for cb in rest if isinstance(cb, keras.callbacks.TensorBoard)]
+    if not keras_tuner_hparams or not boards:
+        return rest, []
+    from trainer.reports import hparams_callback
+
+    log_dir = str(boards[0].log_dir)
+    trial_id = os.path.basename(os.path.dirname(log_dir.rstrip("/")))
+    return rest, [hparams_callback(log_dir, hp.values, trial_id=trial_id)]
 
 
 def _find_backbone(model: keras.Model) -> keras.Model:

@@ -116,7 +116,12 @@ def run(config: TrainConfig, placement=None) -> dict:
     tuner = search.create_tuner(model_builder, config, placement.strategy)
     if role != "worker":
         search.record_identity(config, identity)
-    callbacks = [keras.callbacks.TensorBoard(log_dir=os.path.join(config.tensorboard_dir, "search"))]
+    search_board = os.path.join(config.tensorboard_dir, "search")
+    callbacks = [keras.callbacks.TensorBoard(log_dir=search_board)]
+    if role != "worker":
+        from trainer.reports import write_hparams_config
+
+        write_hparams_config(search_board, tuner.oracle.get_space())
     search.run_search(tuner, config, callbacks)
     counts = search.trial_counts(tuner)
     log.info("search finished: %s", ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
@@ -229,8 +234,6 @@ def _gate(score: float, images, labels, config: TrainConfig) -> tuple[bool, str]
     if decide is not None:
         decision = decide(score, config.export_dir, images, labels, min_accuracy=config.min_accuracy,
                           force=config.force, out_path=out_path)
-        log.info("gate: %s (new %.4f, previous %s)", decision.reason, decision.new_score,
-                 "none" if decision.previous_score is None else f"{decision.previous_score:.4f}")
         return decision.publish, decision.reason
     if score < config.min_accuracy and not config.force:
         reason = f"accuracy {score:.4f} is below --min-accuracy {config.min_accuracy}"
