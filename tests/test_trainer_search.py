@@ -146,3 +146,30 @@ def test_the_other_tuners_complete_a_search(tuner, tfrecord_data, tmp_path):
     assert rc == 0
     assert "COMPLETED" in _statuses(tmp_path)
     assert json.loads((tmp_path / "best_hyperparameters.json").read_text())["score"] is not None
+
+
+def test_an_interrupted_search_resumes_where_it_stopped(tfrecord_data, tmp_path, repo_root):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "trainer", "--data", str(tfrecord_data), "--job-dir", str(tmp_path),
+            "--tuner", "random", "--max-trials", "3", "--search-space", json.dumps({"finetune_depth": 0}),
+            "--no-export", *QUICK]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    first = subprocess.Popen(args, cwd=repo_root, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in first.stderr:
+            if "trial 1 of 3 done" in line:
+                first.send_signal(signal.SIGKILL)
+                break
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    assert _statuses(tmp_path).count("COMPLETED") == 1
+    second = subprocess.run(args, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming the previous search" in second.stderr
+    assert "trial 1 of 3 starting" not in second.stderr
+    assert _statuses(tmp_path) == ["COMPLETED"] * 3
