@@ -146,21 +146,31 @@ def measure(command: list[str]) -> dict:
     return {"seconds": seconds, "peak_rss_mb": peak / 2**20}
 
 
-def bench_one(name: str, input_dir: Path, work: Path, size: int, workers: int) -> dict:
+def bench_one(name: str, input_dir: Path, work: Path, size: int, workers: int, repeat: int) -> dict:
+    """Beam and plain, interleaved ``repeat`` times; the best time of each (the least disturbed by other load)."""
     count = len(list_images(input_dir))
     out = work / f"beam-{name}"
-    beam = measure([sys.executable, "-m", "preprocessing", "--input", str(input_dir), "--output", str(out),
+    beam_command = [sys.executable, "-m", "preprocessing", "--input", str(input_dir), "--output", str(out),
                     "--image-size", str(size), "--overwrite", "--progress-seconds", "0",
-                    f"--direct_num_workers={workers}"])
+                    f"--direct_num_workers={workers}"]
+    plain_command = [sys.executable, __file__, "--plain", str(input_dir), str(work / f"plain-{name}.bin"),
+                     "--image-size", str(size), "--workers", str(workers)]
+    beams, plains = [], []
+    for _ in range(repeat):
+        beams.append(measure(beam_command))
+        plains.append(measure(plain_command))
     stats = json.loads((out / "stats.json").read_text())
-    plain = measure([sys.executable, __file__, "--plain", str(input_dir), str(work / f"plain-{name}.bin"),
-                     "--image-size", str(size), "--workers", str(workers)])
+    beam_s = sorted(m["seconds"] for m in beams)
+    plain_s = sorted(m["seconds"] for m in plains)
     row = {
         "dataset": name, "images": count, "written": stats["totals"]["written"],
-        "beam_seconds": beam["seconds"], "beam_images_per_s": count / beam["seconds"], "beam_peak_mb": beam["peak_rss_mb"],
-        "plain_seconds": plain["seconds"], "plain_images_per_s": count / plain["seconds"], "plain_peak_mb": plain["peak_rss_mb"],
+        "beam_seconds": beam_s[0], "beam_median": beam_s[len(beam_s) // 2],
+        "beam_images_per_s": count / beam_s[0], "beam_peak_mb": max(m["peak_rss_mb"] for m in beams),
+        "plain_seconds": plain_s[0], "plain_median": plain_s[len(plain_s) // 2],
+        "plain_images_per_s": count / plain_s[0], "plain_peak_mb": max(m["peak_rss_mb"] for m in plains),
     }
     row["ratio"] = row["beam_images_per_s"] / row["plain_images_per_s"]
+    row["ratio_median"] = row["plain_median"] / row["beam_median"]
     print(f"  {name}: beam {row['beam_images_per_s']:.1f} img/s ({row['beam_peak_mb']:.0f} MB), "
           f"plain {row['plain_images_per_s']:.1f} img/s ({row['plain_peak_mb']:.0f} MB), ratio {row['ratio']:.2f}",
           file=sys.stderr)
@@ -179,14 +189,15 @@ def machine() -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| dataset | images | Beam s | Beam img/s | Beam peak MB | plain s | plain img/s | plain peak MB | ratio |",
+        "| dataset | images | Beam best s (median) | Beam img/s | Beam peak MB | plain best s (median) | plain img/s "
+        "| plain peak MB | ratio best (median) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['dataset']} | {r['images']:,} | {r['beam_seconds']:.1f} | {r['beam_images_per_s']:.1f} | "
-            f"{r['beam_peak_mb']:.0f} | {r['plain_seconds']:.1f} | {r['plain_images_per_s']:.1f} | "
-            f"{r['plain_peak_mb']:.0f} | {r['ratio']:.2f} |"
+            f"| {r['dataset']} | {r['images']:,} | {r['beam_seconds']:.1f} ({r['beam_median']:.1f}) | "
+            f"{r['beam_images_per_s']:.1f} | {r['beam_peak_mb']:.0f} | {r['plain_seconds']:.1f} ({r['plain_median']:.1f}) | "
+            f"{r['plain_images_per_s']:.1f} | {r['plain_peak_mb']:.0f} | {r['ratio']:.2f} ({r['ratio_median']:.2f}) |"
         )
     return "\n".join(lines)
 
@@ -198,6 +209,7 @@ def main() -> None:
     parser.add_argument("--skip-clothing", action="store_true", help="leave out the real clothing-small photos")
     parser.add_argument("--image-size", type=int, default=224, help="output side in pixels (default %(default)s)")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes for both (default: cores)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each, interleaved; the best counts (default %(default)s)")
     parser.add_argument("--results", help="also write the Markdown table and context to this file")
     parser.add_argument("--plain", nargs=2, metavar=("INPUT", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -214,13 +226,14 @@ def main() -> None:
         print(f"generating {count:,} images (cached in {work}) ...", file=sys.stderr)
         datasets.append((f"generated-{count}", generated_set(work, count)))
     load_before = os.getloadavg()
-    rows = [bench_one(name, folder, work, args.image_size, args.workers) for name, folder in datasets]
+    rows = [bench_one(name, folder, work, args.image_size, args.workers, args.repeat) for name, folder in datasets]
     load_after = os.getloadavg()
     report = "\n".join([
         f"Machine: {machine()}",
         f"Load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
         f"after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}",
-        f"Output {args.image_size}x{args.image_size} JPEG q95, stretch; {args.workers} worker processes each.",
+        f"Output {args.image_size}x{args.image_size} JPEG q95, stretch; {args.workers} worker processes each; "
+        f"{args.repeat} interleaved runs of each, best (and median) wall time of the whole command.",
         "",
         table(rows),
     ])
