@@ -3,7 +3,7 @@
 With no ``--runner`` (or ``--runner DirectRunner``) the job runs on Beam's
 FnApiRunner in ``multi_processing`` mode with one worker process per core.
 It is picked explicitly because Beam 2.77's ``DirectRunner`` name first tries
-the Prism runner, which downloads a binary at run time (and stalls offline).
+the Prism runner, which downloads a Go binary at run time (impossible offline).
 Any other ``--runner`` (DataflowRunner, FlinkRunner, SparkRunner, PrismRunner
 ...) and every other Beam option pass straight through to ``PipelineOptions``.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
@@ -66,10 +65,11 @@ def choose_runner(beam_args: list[str]) -> RunnerChoice:
         options.view_as(SetupOptions).save_main_session = False
         return RunnerChoice(runner=None, options=options, description=requested, local=False)
 
-    if not _has_flag(args, "--direct_num_workers"):
-        args.append(f"--direct_num_workers={available_cores()}")
     if not _has_flag(args, "--direct_running_mode"):
         args.append("--direct_running_mode=multi_processing")
+    if not _has_flag(args, "--direct_num_workers"):
+        in_memory = PipelineOptions(args).view_as(DirectOptions).direct_running_mode == "in_memory"
+        args.append(f"--direct_num_workers={1 if in_memory else available_cores()}")
     if not _has_flag(args, "--default_sdk_harness_log_level"):
         args.append("--default_sdk_harness_log_level=WARNING")
     if not _has_flag(args, "--sdk_harness_log_level_overrides"):
@@ -105,4 +105,3 @@ def _make_package_importable_in_workers() -> None:
     if package_parent not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([package_parent, *paths])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _ = sys  # the workers run sys.executable, the interpreter running this process
