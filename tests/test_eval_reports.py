@@ -120,6 +120,15 @@ def test_elapsed_seconds_come_from_the_tuner_records_or_the_caller(search):
     assert next(row for row in again if row["trial_id"] == trial_id)["elapsed_s"] == 12.5
 
 
+def test_a_resumed_search_keeps_the_trial_seconds_of_the_earlier_table(search):
+    tuner, job, _, _ = search
+    trial_id = next(iter(tuner.oracle.trials))
+    write_trials_table(tuner.oracle, str(job / "resumed"), elapsed_s={trial_id: 42.0})
+    _, json_path = write_trials_table(tuner.oracle, str(job / "resumed"))
+    rows = json.loads(open(json_path).read())["trials"]
+    assert next(row for row in rows if row["trial_id"] == trial_id)["elapsed_s"] == 42.0
+
+
 def test_hparams_experiment_declares_each_hyperparameter_with_its_domain_and_the_metrics(search):
     _, job, _, _ = search
     [content] = [c for c in _hparams_plugin_data(job / "tensorboard")]

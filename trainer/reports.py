@@ -116,6 +116,19 @@ def _hp_columns(oracle, rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return names
 
 
+def _previous_elapsed(tuner_dir: str) -> dict[str, float]:
+    """Trial seconds from an earlier ``trials.json`` here, so a resumed search keeps the times it measured."""
+    import tensorflow as tf
+
+    path = os.path.join(tuner_dir, TRIALS_JSON)
+    try:
+        with tf.io.gfile.GFile(path) as handle:
+            rows = json.load(handle).get("trials", [])
+        return {str(r["trial_id"]): float(r["elapsed_s"]) for r in rows if r.get("elapsed_s") is not None}
+    except (tf.errors.NotFoundError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def write_trials_table(oracle, tuner_dir: str, *, elapsed_s: Mapping[str, float] | None = None) -> tuple[str, str]:
     """Write ``tuner_dir/trials.csv`` and ``tuner_dir/trials.json``; return their paths.
 
@@ -125,12 +138,15 @@ def write_trials_table(oracle, tuner_dir: str, *, elapsed_s: Mapping[str, float]
     trial has no value, e.g. a conditional one); a hyperparameter whose name
     clashes with a fixed column gets an ``hp_`` prefix. The JSON holds the
     objective, its direction and the same rows with a ``hyperparameters``
-    dict. ``elapsed_s`` maps trial ids to measured seconds; without it the
-    seconds come from the tuner's own records where it kept them.
+    dict. ``elapsed_s`` maps trial ids to measured seconds (pass what the
+    tuner measured: Keras Tuner keeps no trial times when it runs with
+    ``verbose=0``); trials missing from it keep the seconds of an earlier
+    ``trials.json`` in ``tuner_dir`` (a resumed search), else come from the
+    tuner's own records where it kept them.
     """
     import tensorflow as tf
 
-    rows = trial_rows(oracle, elapsed_s)
+    rows = trial_rows(oracle, {**_previous_elapsed(tuner_dir), **dict(elapsed_s or {})})
     hp_names = _hp_columns(oracle, rows)
     hp_headers = [f"hp_{name}" if name in TRIAL_FIELDS else name for name in hp_names]
 
