@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from trainer.config import TUNERS, AugmentConfig, TrainConfig, UserError
+from trainer.config import DEFAULT_MAX_TRIALS, TUNERS, AugmentConfig, TrainConfig, UserError
 
 PROG = "tlp-train"
 
@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model input size (default: the backbone's own, e.g. 224); smaller is faster")
     s = p.add_argument_group("search")
     s.add_argument("--tuner", choices=TUNERS, default=d.tuner, help=f"search algorithm (default {d.tuner})")
-    s.add_argument("--max-trials", type=_positive, default=d.max_trials,
-                   help=f"most hyperparameter sets to try (default {d.max_trials})")
+    s.add_argument("--max-trials", type=_positive, default=None,
+                   help=f"most hyperparameter sets to try (default {DEFAULT_MAX_TRIALS}; Hyperband: its own schedule "
+                        "unless given)")
     s.add_argument("--epochs", type=_positive, default=d.epochs,
                    help=f"most epochs per training phase; early stopping on validation loss (default {d.epochs})")
     s.add_argument("--final-epochs", type=_positive, default=None,
@@ -136,7 +137,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         augment=augment, class_weights=args.class_weights, validation_fraction=args.validation_fraction,
         early_stopping_patience=args.patience, mixed_precision=args.mixed_precision, cache_images=args.cache_images,
         overwrite=args.overwrite, min_accuracy=args.min_accuracy, force=args.force, cache_dir=args.cache_dir,
-        export=args.export)
+        export=args.export, strategy=args.strategy)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
         tf.get_logger().setLevel(logging.ERROR)
         from trainer import distribute, train
 
-        placement = distribute.configure(args.strategy, config.mixed_precision)
+        placement = distribute.configure(config.strategy, config.mixed_precision)
         summary = train.run(config, placement)
     except UserError as error:
         sys.stderr.write(f"{PROG}: error: {error}\n")

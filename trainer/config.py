@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 TUNERS = ("hyperband", "bayesian", "random", "grid")
+DEFAULT_MAX_TRIALS = 10
 
 
 class UserError(Exception):
@@ -43,7 +44,7 @@ class TrainConfig:
     weights: str = "imagenet"
     image_size: tuple[int, int] | None = None
     tuner: str = "hyperband"
-    max_trials: int = 10
+    max_trials: int | None = None
     epochs: int = 10
     final_epochs: int | None = None
     batch_size: int = 32
@@ -54,6 +55,7 @@ class TrainConfig:
     validation_fraction: float = 0.2
     early_stopping_patience: int = 3
     mixed_precision: bool | None = None
+    strategy: str = "auto"
     cache_images: str | None = None
     overwrite: bool = False
     min_accuracy: float = 0.0
@@ -61,6 +63,13 @@ class TrainConfig:
     cache_dir: str | None = None
     export: bool = True
     top_k: int = 3
+
+    @property
+    def trial_budget(self) -> int | None:
+        """The most trials: ``max_trials``, else 10; Hyperband is uncapped unless asked (its schedule decides)."""
+        if self.max_trials is not None:
+            return self.max_trials
+        return None if self.tuner == "hyperband" else DEFAULT_MAX_TRIALS
 
     @property
     def tuner_dir(self) -> str:

@@ -153,12 +153,12 @@ def create_tuner(hypermodel, config: TrainConfig, strategy=None):
         if config.tuner == "hyperband":
             tuner = cls(hypermodel, max_epochs=max(2, config.epochs), factor=3, **common)
         else:
-            tuner = cls(hypermodel, max_trials=config.max_trials, **common)
+            tuner = cls(hypermodel, max_trials=config.trial_budget, **common)
     except ImportError as error:
         raise UserError(f"--tuner {config.tuner}: {str(error).splitlines()[0][:200]}") from None
     except (ValueError, TypeError) as error:
         raise UserError(f"--search-space: {str(error).splitlines()[0][:200]}") from None
-    tuner.oracle.max_trials = config.max_trials
+    tuner.oracle.max_trials = config.trial_budget
     return tuner
 
 

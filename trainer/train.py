@@ -79,7 +79,7 @@ def run(config: TrainConfig, placement=None) -> dict:
     identity = search.search_identity(config, space, image_size, _weights_id(config.weights, weights_path))
     mode = search.prepare_project(config, identity) if role != "worker" else "worker"
     if placement is None:
-        placement = distribute.configure("auto", config.mixed_precision)
+        placement = distribute.configure(config.strategy, config.mixed_precision)
 
     log.info("data %s: %d classes; %s", config.data_dir, info.num_classes, data.describe_counts(info))
     log.info("running on %s; mixed precision %s", placement.description, "on" if placement.mixed_precision else "off")
@@ -87,10 +87,11 @@ def run(config: TrainConfig, placement=None) -> dict:
         log.info("--weights none: a seeded random initialisation (%s)", weights_path)
     log.info("backbone %s at %dx%d: %d blocks, features %s", backbone.name, image_size[0], image_size[1],
              num_blocks, "x".join(map(str, feature_shape)))
-    log.info("search: %s (%s tuner, up to %d trials, %d epochs per phase) in %s",
+    budget = f"up to {config.trial_budget} trials" if config.trial_budget else "trials as Hyperband schedules them"
+    log.info("search: %s (%s tuner, %s, %d epochs per phase) in %s",
              {"resume": "resuming the previous search", "fresh": "starting afresh",
               "worker": "worker of a distributed search"}[mode],
-             config.tuner, config.max_trials, config.epochs, config.tuner_dir)
+             config.tuner, budget, config.epochs, config.tuner_dir)
 
     weights = data.class_weights(info) if config.class_weights else None
     if weights:
