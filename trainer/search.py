@@ -50,14 +50,14 @@ class _ProgressMixin:
         self._trial_started = time.perf_counter()
         values = ", ".join(f"{k}={_short(v)}" for k, v in trial.hyperparameters.values.items()
                            if not k.startswith("tuner/"))
-        log.info("trial %s of %s starting: %s", _number(trial), self.oracle.max_trials or "?", values)
+        log.info("trial %s of %s starting: %s", _number(trial), scheduled_trials(self.oracle) or "?", values)
 
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
         took = time.perf_counter() - self._trial_started
         self.__dict__.setdefault("durations", []).append(took)
         self.__dict__.setdefault("statuses", {})
-        number, total = _number(trial), self.oracle.max_trials
+        number, total = _number(trial), scheduled_trials(self.oracle)
         left = ""
         if total and isinstance(number, int):
             durations = self.__dict__["durations"]
@@ -73,6 +73,19 @@ class _ProgressMixin:
         else:
             log.info("trial %s of %s done in %s: val_accuracy %.4f%s", number, total or "?", _duration(took), score,
                      left)
+
+
+def scheduled_trials(oracle) -> int | None:
+    """How many trials the search will run: ``max_trials``, or Hyperband's schedule (None when unknown)."""
+    if getattr(oracle, "max_trials", None):
+        return oracle.max_trials
+    try:
+        iterations = int(oracle.hyperband_iterations)
+        brackets = oracle._get_num_brackets()
+        per_iteration = sum(oracle._get_size(b, r) for b in range(brackets) for r in range(oracle._get_num_rounds(b)))
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return None
+    return iterations * per_iteration
 
 
 def _number(trial):
