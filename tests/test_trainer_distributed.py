@@ -1,7 +1,8 @@
 """The distributed paths, proven on CPU in real subprocesses.
 
-- Data parallelism: ``--strategy mirrored`` over two logical CPU devices (set up
-  in the subprocess, so other tests keep one device).
+- Data parallelism: ``--strategy mirrored`` (with ``--mixed-precision``, as on
+  several GPUs) over two logical CPU devices, set up in the subprocess so other
+  tests keep one device and float32.
 - Distributed tuning: Keras Tuner's chief/worker mode, a chief oracle and two
   worker processes on 127.0.0.1 sharing one search.
 """
@@ -38,16 +39,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_a_mirrored_search_on_two_logical_cpus(tfrecord_data, tmp_path, repo_root):
+def test_a_mirrored_mixed_precision_search_on_two_logical_cpus(tfrecord_data, tmp_path, repo_root):
+    """The multi-GPU configuration (mirrored + float16), with both phases, down to a float32 export."""
+    from trainer import data
+    from trainer.export import load_predict_fn
+
     space = json.dumps({"finetune_depth": [1], "dense_layers": 0})
     result = subprocess.run(
         [sys.executable, "-c", MIRRORED, "--data", str(tfrecord_data), "--job-dir", str(tmp_path), "--tuner", "random",
-         "--max-trials", "1", "--strategy", "mirrored", "--search-space", space, *QUICK],
+         "--max-trials", "1", "--strategy", "mirrored", "--mixed-precision", "--search-space", space,
+         *[a for a in QUICK if a != "--no-export"]],
         cwd=repo_root, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "MirroredStrategy over 2 devices" in result.stderr
+    assert "MirroredStrategy over 2 devices" in result.stderr and "mixed precision on" in result.stderr
     best = json.loads((tmp_path / "best_hyperparameters.json").read_text())
     assert best["values"]["finetune_depth"] == 1 and best["score"] is not None
+    images, _ = data.encoded_examples(data.inspect_data(str(tfrecord_data)), "test")
+    probabilities = load_predict_fn(str(tmp_path / "export" / "1"))(images)["probabilities"]
+    assert probabilities.dtype.name == "float32" and probabilities.shape == (len(images), 3)
 
 
 def test_a_chief_and_two_workers_complete_one_search(tfrecord_data, tmp_path, repo_root):
