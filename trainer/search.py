@@ -119,7 +119,7 @@ def search_identity(config: TrainConfig, space: dict, image_size, weights_id: st
         "epochs": config.epochs,
         "seed": config.seed,
         "objective": OBJECTIVE.name,
-        "data_dir": config.data_dir,
+        "data_dir": config.data_dir if "://" in config.data_dir else os.path.abspath(config.data_dir),
     }
 
 

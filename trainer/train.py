@@ -140,7 +140,8 @@ def run(config: TrainConfig, placement=None) -> dict:
     cache.ensure()
     model, history = retrain(model_builder, best.hyperparameters, config)
     summary = {"role": role, "trials": counts, "best_trial": best.trial_id, "best_score": best.score,
-               "best_hyperparameters": best_values, "search_mode": mode}
+               "best_hyperparameters": best_values, "search_mode": mode,
+               "class_weights": {info.labels[i]: round(w, 4) for i, w in (weights or {}).items()}}
     summary.update(_evaluate_gate_export(model, history, info, image_size, backbone.name, best_values, config))
     summary["seconds"] = round(time.perf_counter() - started, 1)
     _write_json(os.path.join(config.job_dir, "summary.json"), summary)
