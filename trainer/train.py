@@ -101,8 +101,11 @@ def run(config: TrainConfig, placement=None) -> dict:
     augmenter = build_augmenter(config.augment, config.seed)
 
     def images(split, augment=False):
+        cache_to = config.cache_images
+        if cache_to and cache_to != "memory":
+            cache_to = os.path.join(cache_to, f"{split}-{image_size[0]}x{image_size[1]}")
         return data.image_dataset(info, split, image_size, batch, shuffle=(split == "train"), seed=config.seed,
-                                  augmenter=augmenter if augment else None, cache=config.cache_images,
+                                  augmenter=augmenter if augment else None, cache=cache_to,
                                   replicas=placement.replicas)
 
     def features(split):
