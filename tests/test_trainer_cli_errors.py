@@ -128,3 +128,10 @@ def test_help_describes_the_flags(repo_root):
     for flag in ("--data", "--job-dir", "--backbone", "--weights", "--tuner", "--search-space", "--min-accuracy",
                  "--mixed-precision", "--no-augment", "--cache-dir"):
         assert flag in result.stdout, flag
+
+
+def test_from_the_shell_the_error_is_the_only_line_on_stderr(repo_root, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "trainer", "--data", str(tmp_path / "nope"), "--job-dir",
+                             str(tmp_path / "job")], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"tlp-train: error: --data {tmp_path / 'nope'}: no such folder"]

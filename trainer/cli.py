@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="publish even when the gate says no")
     g.add_argument("--no-export", dest="export", action="store_false",
                    help="stop after evaluation (no gate, no SavedModel)")
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="debug logging, and TensorFlow's start-up messages (hidden otherwise)")
     return p
 
 
@@ -163,12 +164,37 @@ def _setup_logging(verbose: bool) -> None:
         root.setLevel(logging.WARNING)
 
 
+def _import_tensorflow_quietly(verbose: bool) -> None:
+    """Import TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) hidden unless ``--verbose``.
+
+    Those lines are written before ``TF_CPP_MIN_LOG_LEVEL`` takes effect and
+    would bury a one-line error; ``--verbose`` shows them (useful on a GPU
+    machine whose CUDA libraries do not load).
+    """
+    if verbose or "tensorflow" in sys.modules:
+        import tensorflow  # noqa: F401
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         config = config_from_args(args)
+        _import_tensorflow_quietly(args.verbose)
         import tensorflow as tf
 
         tf.get_logger().setLevel(logging.ERROR)
