@@ -42,6 +42,8 @@ def run(config: PreprocessConfig, beam_args: list[str] | None = None) -> dict:
     spec = sources.inspect_input(config.input)
     staging = Staging(config.output, config.overwrite)
     staging.check()
+    if spec.layout != sources.MANIFEST and (staging.output + "/").startswith(spec.path.rstrip("/") + "/"):
+        raise PreprocessingError(f"{staging.output}: the output must not be inside the input folder {spec.path}")
     choice = runners.choose_runner(list(beam_args or []))
     if spec.unknown_columns:
         _log.warning("manifest %s: ignoring unknown column(s) %s", spec.path, ", ".join(spec.unknown_columns))
@@ -68,10 +70,7 @@ def run(config: PreprocessConfig, beam_args: list[str] | None = None) -> dict:
         result_stats = stats.build_stats(counters, distributions)
         labels = [line for line in _read_text(staging.join(LABELS_FILE)).splitlines() if line]
         _refuse_unusable(spec, result_stats, labels, staging.join(ERRORS_FILE))
-    except PreprocessingError:
-        staging.discard()
-        raise
-    except Exception:
+    except BaseException:  # a failed, refused or interrupted run leaves nothing behind
         staging.discard()
         raise
 

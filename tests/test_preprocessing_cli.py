@@ -129,3 +129,10 @@ def test_size_mode_and_format_flags_reach_the_records_and_stats(tmp_path):
         assert (image.format, image.size, record["image/format"]) == ("PNG", (48, 32), "png")
         assert (record["image/height"], record["image/width"]) == (32, 48)
     assert sorted(p.name for p in out.glob("train-*")) == ["train-00000-of-00001.tfrecord"]
+
+
+def test_output_inside_the_input_folder_is_refused(tmp_path, capsys):
+    root = _two_classes(tmp_path / "in")
+    line = _one_line_error(capsys, ["--input", str(root), "--output", str(root / "data"), *IN_PROCESS])
+    assert "must not be inside the input folder" in line
+    assert sorted(p.name for p in root.iterdir()) == ["hat", "shoe"]
