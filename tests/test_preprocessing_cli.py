@@ -93,7 +93,7 @@ def test_existing_output_is_refused_and_replaced_with_overwrite(tmp_path, capsys
     assert [p for p in os.listdir(tmp_path) if ".staging-" in p or ".old-" in p] == []
 
 
-def test_default_runner_uses_worker_processes_and_needs_no_network(tmp_path):
+def test_local_runner_uses_worker_processes_and_needs_no_network(tmp_path):
     """The demo's command, in a network namespace with only loopback: no runner download, no hang.
 
     (Loopback stays: the local runner talks to its worker processes over gRPC on localhost.)
@@ -104,13 +104,15 @@ def test_default_runner_uses_worker_processes_and_needs_no_network(tmp_path):
     generate(str(tmp_path / "in"), SampleSpec(per_class=6, seed=3))
     out = tmp_path / "data"
     command = [*offline, sys.executable, "-m", "preprocessing", "--input", str(tmp_path / "in"),
-               "--output", str(out), "--image-size", "32", "--runner", "DirectRunner"]
+               "--output", str(out), "--image-size", "32", "--runner", "DirectRunner", "--direct_num_workers=2"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads((out / "stats.json").read_text())
     assert "multi_processing" in stats["run"]["runner"]
     assert stats["totals"] == {"found": 27, "written": 24, "rejected": 3, "duplicates": 0}
     assert "3 rejected inputs are listed with their reasons in" in proc.stderr
+    # one shard per worker that wrote records: the Reshuffle after listing spread the files over both workers
+    assert sorted(p.name for p in out.glob("train-*")) == ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
     assert {e["path"].rsplit("/", 1)[-1] for e in readback.read_errors(str(out))} == {
         "broken_empty.jpg", "broken_truncated.jpg", "broken_not_an_image.jpg"}
 
