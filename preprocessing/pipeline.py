@@ -13,8 +13,10 @@
 
 Only small tuples (path, label, split, sha256) cross a shuffle: image bytes
 are read inside the steps that need them (twice: once to hash, once to
-convert), so memory stays flat however many images there are. Counts are
-Beam metrics (:mod:`preprocessing.stats`).
+convert) and never held, so memory does not grow with the images. (The
+local runner keeps those small tuples in memory between steps, a few KB per
+file; distributed runners shuffle them to disk.) Counts are Beam metrics
+(:mod:`preprocessing.stats`).
 """
 
 from __future__ import annotations
