@@ -28,6 +28,7 @@ def manifest_run(tmp_path_factory):
         _image(base / "pics" / f"shoe {index}.jpg", 100 + index)
     _image(base / "elsewhere" / "absolute hat.png", 999)
     (base / "pics" / "a folder.jpg").mkdir()
+    (base / "pics" / "dangling.jpg").symlink_to(base / "pics" / "nowhere.jpg")
     rows = ["path,label,split,notes"]
     rows += [f"pics/hat_{index}.png,hat,{'test' if index < 2 else 'train'},ok" for index in range(8)]
     rows += [f'"pics/shoe {index}.jpg",shoe,,from ""catalogue""' for index in range(8)]
@@ -36,6 +37,7 @@ def manifest_run(tmp_path_factory):
         "pics/missing.jpg,shoe,,file does not exist",
         "pics/hat_0.png,,,blank label",
         "pics/a folder.jpg,shoe,,a directory",
+        "pics/dangling.jpg,shoe,,a broken symlink",
         "pics/hat_1.png,hat,holdout,bad split",
         "",
     ]
@@ -53,7 +55,7 @@ def _errors_by_path(out) -> dict:
 def test_manifest_rows_are_accounted_for(manifest_run):
     _, out = manifest_run
     totals = readback.read_stats(str(out))["totals"]
-    assert totals == {"found": 21, "written": 17, "rejected": 4, "duplicates": 0}
+    assert totals == {"found": 22, "written": 17, "rejected": 5, "duplicates": 0}
 
 
 def test_given_splits_are_kept(manifest_run):
@@ -77,9 +79,10 @@ def test_relative_paths_resolve_from_the_manifest_folder_and_keep_their_given_na
         ("pics/missing.jpg", "file not found", "read"),
         ("pics/hat_0.png", "blank label", "list"),
         ("pics/a folder.jpg", "is a folder", "read"),
+        ("pics/dangling.jpg", "file not found", "read"),
         ("pics/hat_1.png", "unknown split 'holdout'", "list"),
     ],
-    ids=["missing-file", "blank-label", "unreadable-folder", "bad-split"],
+    ids=["missing-file", "blank-label", "unreadable-folder", "broken-symlink", "bad-split"],
 )
 def test_bad_row_is_rejected_with_its_path_and_reason(manifest_run, row_path, reason, stage):
     base, out = manifest_run
