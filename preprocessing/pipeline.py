@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from typing import Iterable
@@ -114,16 +115,24 @@ class ListedFile(beam.DoFn):
 
 
 def _import_example_protos() -> None:
-    """Import TensorFlow's Example protos (what ``serialize_example`` needs) in the background.
+    """Import TensorFlow's Example protos (what ``serialize_example`` needs) in the background, quietly.
 
     The import costs each worker seconds of CPU; started while the worker
     reads and hashes files (mostly I/O, sha256 releases the GIL), it is done
-    by the time the first image is converted instead of delaying it.
+    by the time the first image is converted instead of delaying it. Its C++
+    start-up lines (oneDNN, CUDA) go to /dev/null: a worker never runs a
+    TensorFlow op. A failing import is left to ``Convert.setup`` to report.
     """
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
+        os.dup2(devnull, 2)
         from tensorflow.core.example import example_pb2  # noqa: F401
-    except Exception:  # noqa: BLE001 - Convert.setup imports again and reports a real failure
+    except Exception:  # noqa: BLE001
         pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 class ReadAndHash(beam.DoFn):
