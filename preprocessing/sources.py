@@ -124,14 +124,18 @@ def _inspect_manifest(path: str) -> InputSpec:
     except Exception as error:  # noqa: BLE001
         raise PreprocessingError(f"{path}: cannot read the manifest ({error})") from None
     text = head.decode("utf-8-sig", errors="replace")
+    if "\x00" in text or "\ufffd" in text[:200]:
+        raise PreprocessingError(f"{path}: not a CSV manifest (binary content); give a folder or a CSV with path,label[,split]")
     lines = text.splitlines()
     if not lines or not lines[0].strip():
         raise PreprocessingError(f"{path}: empty manifest (expected a header line path,label[,split])")
     columns = tuple(column.strip().lower() for column in next(csv.reader([lines[0]])))
     missing = [column for column in REQUIRED_COLUMNS if column not in columns]
     if missing:
+        header = ",".join(columns)
+        header = header if len(header) <= 60 else header[:57] + "..."
         raise PreprocessingError(
-            f"{path}: manifest header {','.join(columns)!r} lacks column(s) {', '.join(missing)} (expected path,label[,split])"
+            f"{path}: manifest header {header!r} lacks column(s) {', '.join(missing)} (expected a CSV with path,label[,split])"
         )
     if not any(line.strip() for line in lines[1:]):
         raise PreprocessingError(f"{path}: manifest has a header but no rows")

@@ -100,3 +100,9 @@ def test_manifest_without_a_label_column_is_refused_in_one_line(tmp_path):
     with pytest.raises(PreprocessingError, match=r"lacks column\(s\) path, label"):
         run(PreprocessConfig(input=str(tmp_path / "m.csv"), output=str(tmp_path / "data")), IN_PROCESS)
     assert not (tmp_path / "data").exists()
+
+
+def test_a_single_file_that_is_not_a_csv_is_refused_in_one_line(tmp_path):
+    _image(tmp_path / "photo.png", 1)
+    with pytest.raises(PreprocessingError, match="not a CSV manifest"):
+        run(PreprocessConfig(input=str(tmp_path / "photo.png"), output=str(tmp_path / "data")), IN_PROCESS)
