@@ -139,8 +139,6 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tfrecord_data, tmp_p
 
 @pytest.mark.parametrize("tuner", ["hyperband", "bayesian"])
 def test_the_other_tuners_complete_a_search(tuner, tfrecord_data, tmp_path):
-    if tuner == "bayesian":
-        pytest.importorskip("scipy", reason="BayesianOptimization needs keras-tuner[bayesian] (scipy)")
     rc = main(["--data", str(tfrecord_data), "--job-dir", str(tmp_path), "--tuner", tuner, "--max-trials", "2",
                "--search-space", SPACE, "--no-export", *QUICK])
     assert rc == 0
