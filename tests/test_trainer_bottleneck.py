@@ -46,4 +46,20 @@ def test_a_search_computes_features_once_for_all_its_trials(tfrecord_data, tmp_p
     computed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bottleneck features: train")]
     assert len(computed) == 1
     assert sum("trial" in r.getMessage() and "done" in r.getMessage() for r in caplog.records) == 2
-    assert len(list((tmp_path / "cache").glob("mobilenet_v2-32x32-*/train/DONE"))) == 1
+    assert len(list((tmp_path / "cache").glob("mobilenet_v2-32x32-*/train-pooled.npz"))) == 1
+
+
+def test_pooled_features_are_the_pooled_maps_and_need_no_maps_on_disk(tfrecord_data, tmp_path):
+    info = data.inspect_data(str(tfrecord_data))
+    backbone = backbones.get_backbone("mobilenet_v2")
+    weights = bottleneck.materialize_random_weights(backbone, (64, 64), str(tmp_path), seed=0)
+    with_maps = bottleneck.FeatureCache(str(tmp_path / "a"), backbone, weights, (64, 64), info)
+    with_maps.ensure()
+    maps = np.concatenate([f.numpy() for f, _ in with_maps.dataset("validation", 4)])
+    vectors_only = bottleneck.FeatureCache(str(tmp_path / "b"), backbone, weights, (64, 64), info, keep_maps=False)
+    vectors_only.ensure()
+    assert not (tmp_path / "b" / vectors_only.path.rsplit("/", 1)[-1] / "validation").exists()
+    for pooling, reduce in (("avg", np.mean), ("max", np.max)):
+        pooled = np.concatenate([f.numpy() for f, _ in vectors_only.dataset("validation", 4, pooling=pooling)])
+        assert pooled.shape == (info.size("validation"), maps.shape[-1])
+        np.testing.assert_allclose(pooled, reduce(maps, axis=(1, 2)), rtol=1e-5, atol=1e-6)

@@ -101,7 +101,7 @@ def test_fine_tuning_moves_the_unfrozen_weights_but_not_batch_norm_statistics(tf
 
     info = data.inspect_data(str(tfrecord_data))
     images = lambda split, augment=False: data.image_dataset(info, split, (32, 32), 8, shuffle=split == "train")  # noqa: E731
-    features = lambda split: pytest.fail("a warm-started fine-tune must not train the head on features")  # noqa: E731
+    features = lambda split, pooling=None: pytest.fail("a warm-started fine-tune must not train the head on features")  # noqa: E731,E501
     space = hypermodel.resolve_space({"finetune_depth": 2, "optimizer": "adam", "finetune_learning_rate": 1e-2},
                                      num_blocks=18, num_train=30)
     model_builder = _hypermodel(space=space, inputs=hypermodel.TrialInputs(features, images))

@@ -10,6 +10,11 @@ shards, so changed inputs never reuse stale features. Writes go to a temporary
 folder that is renamed into place, so concurrent workers of a distributed
 search never read a half-written cache.
 
+Two forms are cached: globally pooled vectors (average and max; tiny, read
+into memory, what a head with ``avg``/``max`` pooling trains on, so a head
+epoch costs a fraction of a second) and, only when ``flatten`` pooling is in
+the search space, the unpooled maps, streamed from disk.
+
 Features are taken without augmentation: the classic recipe trains the head
 on clean bottlenecks, and augmentation applies when blocks are fine-tuned.
 """
@@ -17,6 +22,7 @@ on clean bottlenecks, and augmentation applies when blocks are fine-tuned.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -94,26 +100,45 @@ def build_feature_extractor(backbone: Backbone, weights_path: str | None, image_
     return keras.Model(inputs, outputs, name=f"{backbone.name}_features")
 
 
+POOLED = ("avg", "max")
+
+
 class FeatureCache:
-    """The cached features of the train and validation splits for one backbone configuration."""
+    """The cached features of the train and validation splits for one backbone configuration.
+
+    Two forms are kept: the globally pooled features (average and max, one
+    vector per image: small, read into memory, what a head with ``avg`` or
+    ``max`` pooling trains on) and, when ``keep_maps``, the unpooled feature
+    maps (large, streamed from disk, needed only for ``flatten`` pooling).
+    """
 
     def __init__(self, root: str, backbone: Backbone, weights_path: str | None, image_size, info: DataInfo,
-                 batch_size: int = 64):
+                 batch_size: int = 64, keep_maps: bool = True):
         self.backbone = backbone
         self.weights_path = weights_path
         self.image_size = tuple(image_size)
         self.info = info
         self.batch_size = batch_size
+        self.keep_maps = keep_maps
         self.path = os.path.join(root, cache_key(backbone, weights_path, self.image_size, info))
+        self._pooled: dict = {}
 
     def split_path(self, split: str) -> str:
         return os.path.join(self.path, split)
 
-    def ensure(self, splits=("train", "validation")) -> dict[str, float]:
-        """Compute the features of ``splits`` that are not cached yet; return seconds spent per split."""
+    def pooled_path(self, split: str) -> str:
+        return os.path.join(self.path, f"{split}-pooled.npz")
+
+    def _missing(self, split: str) -> bool:
         import tensorflow as tf
 
-        missing = [s for s in splits if not tf.io.gfile.exists(os.path.join(self.split_path(s), "DONE"))]
+        if not tf.io.gfile.exists(self.pooled_path(split)):
+            return True
+        return self.keep_maps and not tf.io.gfile.exists(os.path.join(self.split_path(split), "DONE"))
+
+    def ensure(self, splits=("train", "validation")) -> dict[str, float]:
+        """Compute the features of ``splits`` that are not cached yet; return seconds spent per split."""
+        missing = [s for s in splits if self._missing(s)]
         if not missing:
             log.info("bottleneck features: reusing the cache at %s", self.path)
             return {}
@@ -123,48 +148,95 @@ class FeatureCache:
             start = time.perf_counter()
             count = self._write(extractor, split)
             spent[split] = time.perf_counter() - start
-            log.info("bottleneck features: %s, %d images in %.1fs -> %s", split, count, spent[split],
-                     self.split_path(split))
+            log.info("bottleneck features: %s, %d images in %.1fs -> %s", split, count, spent[split], self.path)
         return spent
 
     def _write(self, extractor, split: str) -> int:
         import numpy as np
         import tensorflow as tf
 
+        tf.io.gfile.makedirs(self.path)
         images = image_dataset(self.info, split, self.image_size, self.batch_size)
         shape = tuple(int(d) for d in extractor.output.shape[1:])
-        count = [0]
+        pooled = {"avg": [], "max": [], "labels": []}
 
         def batches():
             for x, y in images:
-                features = extractor(x, training=False)
-                count[0] += int(y.shape[0])
-                yield np.asarray(features, dtype=np.float32), y.numpy()
+                features = np.asarray(extractor(x, training=False), dtype=np.float32)
+                pooled["avg"].append(features.mean(axis=(1, 2)))
+                pooled["max"].append(features.max(axis=(1, 2)))
+                pooled["labels"].append(y.numpy())
+                yield features, y.numpy()
 
-        signature = (tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int32))
-        dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
-        tmp = f"{self.split_path(split)}.tmp-{uuid.uuid4().hex}"
-        dataset.save(tmp)
-        with tf.io.gfile.GFile(os.path.join(tmp, "DONE"), "w") as handle:
-            handle.write(json.dumps({"count": count[0], "shape": list(shape)}))
-        final = self.split_path(split)
-        if tf.io.gfile.exists(final):
-            tf.io.gfile.rmtree(tmp)
+        if self.keep_maps:
+            signature = (tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int32))
+            dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
+            tmp = f"{self.split_path(split)}.tmp-{uuid.uuid4().hex}"
+            dataset.save(tmp)
+            with tf.io.gfile.GFile(os.path.join(tmp, "DONE"), "w") as handle:
+                handle.write(json.dumps({"count": sum(len(b) for b in pooled["labels"]), "shape": list(shape)}))
+            _publish(tmp, self.split_path(split))
         else:
-            try:
-                tf.io.gfile.rename(tmp, final)
-            except tf.errors.OpError:
-                tf.io.gfile.rmtree(tmp)
-        return count[0]
+            for _ in batches():
+                pass
+        arrays = {k: np.concatenate(v) for k, v in pooled.items()}
+        tmp = f"{self.pooled_path(split)}.tmp-{uuid.uuid4().hex}"
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        with tf.io.gfile.GFile(tmp, "wb") as handle:
+            handle.write(buffer.getvalue())
+        _publish(tmp, self.pooled_path(split))
+        return len(arrays["labels"])
 
-    def dataset(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, replicas: int = 1):
-        """Batches of ``(features float32, labels int32)`` read back from the cache."""
+    def _pooled_arrays(self, split: str) -> dict:
+        import numpy as np
         import tensorflow as tf
 
-        dataset = tf.data.Dataset.load(self.split_path(split)).unbatch()
+        if split not in self._pooled:
+            with tf.io.gfile.GFile(self.pooled_path(split), "rb") as handle:
+                buffer = io.BytesIO(handle.read())
+            with np.load(buffer) as stored:
+                self._pooled[split] = {k: stored[k] for k in stored.files}
+        return self._pooled[split]
+
+    def dataset(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, replicas: int = 1,
+                pooling: str | None = None):
+        """Batches of ``(features float32, labels int32)`` read back from the cache.
+
+        ``pooling`` ``avg`` or ``max``: pooled vectors ``[B, C]`` (held in
+        memory); None: the feature maps ``[B, h, w, C]`` streamed from disk.
+        """
+        import tensorflow as tf
+
+        if pooling in POOLED:
+            arrays = self._pooled_arrays(split)
+            dataset = tf.data.Dataset.from_tensor_slices((arrays[pooling], arrays["labels"].astype("int32")))
+        else:
+            if not self.keep_maps:
+                raise ValueError("feature maps were not cached (keep_maps=False)")
+            dataset = tf.data.Dataset.load(self.split_path(split)).unbatch()
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(self.info.size(split)))
         if shuffle:
             dataset = dataset.shuffle(min(max(self.info.size(split), 1), 10000), seed=seed,
                                       reshuffle_each_iteration=True)
         dataset = batch_for_replicas(dataset, batch_size, self.info.size(split), replicas, train=shuffle)
         return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Rename ``tmp`` to ``final`` unless another worker got there first."""
+    import tensorflow as tf
+
+    def remove():
+        if tf.io.gfile.isdir(tmp):
+            tf.io.gfile.rmtree(tmp)
+        elif tf.io.gfile.exists(tmp):
+            tf.io.gfile.remove(tmp)
+
+    if tf.io.gfile.exists(final):
+        remove()
+        return
+    try:
+        tf.io.gfile.rename(tmp, final)
+    except tf.errors.OpError:
+        remove()

@@ -210,6 +210,9 @@ def image_dataset(info: DataInfo, split: str, image_size: tuple[int, int], batch
     size = tuple(int(s) for s in image_size)
     mode = info.resize_mode
     dataset = _records(info, split, shuffle=shuffle, seed=seed)
+    if shuffle and not cache:
+        # Shuffle encoded records (small), not decoded float images (a 224 px image is 600 KB).
+        dataset = dataset.shuffle(min(max(info.size(split), 1), 10000), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.map(lambda encoded, label: (tfrecords.decode_and_resize(encoded, size, mode),
                                                   tf.cast(label, tf.int32)),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
@@ -218,7 +221,7 @@ def image_dataset(info: DataInfo, split: str, image_size: tuple[int, int], batch
     elif cache:
         tf.io.gfile.makedirs(os.path.dirname(cache) or ".")
         dataset = dataset.cache(cache)
-    if shuffle:
+    if shuffle and cache:
         dataset = dataset.shuffle(min(max(info.size(split), 1), 4096), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()

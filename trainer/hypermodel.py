@@ -37,6 +37,7 @@ from trainer.config import UserError
 log = logging.getLogger("trainer.hypermodel")
 
 POOLINGS = ("avg", "max", "flatten")
+POOLED_FEATURES = ("avg", "max")  # poolings whose features the cache holds as vectors
 OPTIMIZERS = ("adam", "sgd")
 
 # name -> (kind, default spec). Kinds: choice, int, float, boolean, fixed.
@@ -119,6 +120,11 @@ def _spec_values(spec: dict) -> list:
     if "values" in spec:
         return list(spec["values"])
     return [spec["min"], spec["max"]]
+
+
+def pooling_values(space: dict) -> list:
+    """The poolings a resolved search space can choose."""
+    return _spec_values(space["pooling"])
 
 
 def _check(space: dict, num_blocks: int) -> None:
@@ -237,7 +243,8 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9):
 class TrialInputs:
     """The data a trial trains on: cached bottleneck features and image batches.
 
-    ``features(split)`` and ``images(split, augment)`` return fresh tf.data
+    ``features(split, pooling)`` (pooling ``avg``/``max``: pooled vectors;
+    None: feature maps) and ``images(split, augment)`` return fresh tf.data
     datasets of ``(x, labels)``; ``class_weight`` is a dict or None.
     """
 
@@ -283,11 +290,13 @@ class TransferHyperModel(kt.HyperModel):
         regularizer = keras.regularizers.L2(l2) if l2 else None
         features = keras.Input(shape=tuple(feature_shape), name="features")
         if pooling == "avg":
-            x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+            pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
         elif pooling == "max":
-            x = keras.layers.GlobalMaxPooling2D(name="pool")(features)
+            pooled = keras.layers.GlobalMaxPooling2D(name="pool")(features)
         else:
-            x = keras.layers.Flatten(name="pool")(features)
+            pooled = keras.layers.Flatten(name="pool")(features)
+        top_input = keras.Input(shape=tuple(pooled.shape[1:]), name="pooled")
+        x = top_input
         if batchnorm:
             x = keras.layers.BatchNormalization(name="head_bn")(x)
         for i in (1, 2):
@@ -305,7 +314,8 @@ class TransferHyperModel(kt.HyperModel):
             x = keras.layers.Dropout(dropout, name="dropout")(x)
         logits = keras.layers.Dense(self.num_classes, kernel_regularizer=regularizer, name="logits")(x)
         outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
-        return keras.Model(features, outputs, name="head")
+        top = keras.Model(top_input, outputs, name="head_top")
+        return keras.Model(features, top(pooled), name="head")
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         """The full classifier: float32 ``[None, H, W, 3]`` in [0, 255] -> softmax ``[None, C]`` float32."""
@@ -352,11 +362,15 @@ class TransferHyperModel(kt.HyperModel):
                 self.last_history = {}
                 result = None
                 if not (warm and depth > 0):
-                    head.compile(optimizer=self._optimizer(hp, hp.get("head_learning_rate")),
-                                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-                    history = head.fit(self.inputs.features("train"), validation_data=self.inputs.features("validation"),
-                                       epochs=budget, callbacks=self._callbacks(callbacks + hparams),
-                                       class_weight=self.inputs.class_weight, shuffle=False, verbose=self.verbose)
+                    pooling = hp.get("pooling") if hp.get("pooling") in POOLED_FEATURES else None
+                    trainee = head.get_layer("head_top") if pooling else head
+                    trainee.compile(optimizer=self._optimizer(hp, hp.get("head_learning_rate")),
+                                    loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                    history = trainee.fit(self.inputs.features("train", pooling),
+                                          validation_data=self.inputs.features("validation", pooling),
+                                          epochs=budget, callbacks=self._callbacks(callbacks + hparams),
+                                          class_weight=self.inputs.class_weight, shuffle=False,
+                                          verbose=self.verbose)
                     self.last_history["phase1"] = _check_history(history.history, "head")
                     result = _best(history.history)
                 if depth > 0:

@@ -97,7 +97,8 @@ def run(config: TrainConfig, placement=None) -> dict:
     if weights:
         log.info("class weights: %s", ", ".join(f"{info.labels[i]}={w:.2f}" for i, w in weights.items()))
     batch = config.batch_size * placement.replicas
-    cache = bottleneck.FeatureCache(config.feature_cache_dir, backbone, weights_path, image_size, info)
+    cache = bottleneck.FeatureCache(config.feature_cache_dir, backbone, weights_path, image_size, info,
+                                    keep_maps="flatten" in hypermodel.pooling_values(space))
     augmenter = build_augmenter(config.augment, config.seed)
 
     def images(split, augment=False):
@@ -108,8 +109,9 @@ def run(config: TrainConfig, placement=None) -> dict:
                                   augmenter=augmenter if augment else None, cache=cache_to,
                                   replicas=placement.replicas)
 
-    def features(split):
-        return cache.dataset(split, batch, shuffle=(split == "train"), seed=config.seed, replicas=placement.replicas)
+    def features(split, pooling=None):
+        return cache.dataset(split, batch, shuffle=(split == "train"), seed=config.seed, replicas=placement.replicas,
+                             pooling=pooling)
 
     inputs = hypermodel.TrialInputs(features, images, weights)
     model_builder = hypermodel.TransferHyperModel(
