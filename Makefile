@@ -5,10 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
-# Point the demo at your own folder: make demo INPUT=/path/to/photos
+# Point the demo at your own folder: make demo INPUT=/path/to/photos [DEMO_ARGS="--image-size 160 --max-trials 8"]
 INPUT ?=
+DEMO_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m scripts.demo --workdir $(DEMO_DIR) $(if $(INPUT),--input $(INPUT))
+	$(PY) -m scripts.demo --workdir $(DEMO_DIR) $(if $(INPUT),--input $(INPUT)) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -2,10 +2,10 @@
 
 Preprocessing (Beam) -> a Keras Tuner search with fine-tuning on the shared
 ImageNet MobileNetV2 weights -> export -> the development server -> the test
-split through the gRPC client. Writes ``bench/RESULTS-clothing.md`` (and the
-confusion matrix PNG beside it): test accuracy through gRPC next to the
-trainer's own evaluation of the same model, per-class F1, the wall time of each
-stage, and the tuner's table.
+split through the gRPC client. Writes its report as the clothing section of
+``bench/RESULTS.md`` (the confusion matrix PNG beside it): test accuracy
+through gRPC next to the trainer's own evaluation of the same model, per-class
+F1, the wall time of each stage, and the tuner's table.
 
     .venv/bin/python -m bench.run_clothing [--workdir bench/out/clothing] [--tuner hyperband] ...
 
@@ -76,7 +76,8 @@ def main() -> None:
     parser.add_argument("--max-trials", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--results", default=os.path.join(HERE, "RESULTS-clothing.md"))
+    parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"),
+                        help="the report's section between the clothing markers is replaced (appended if absent)")
     args, trainer_args = parser.parse_known_args()
 
     config = DemoConfig(workdir=args.workdir, input=args.input, image_size=args.image_size, weights=args.weights,
@@ -100,12 +101,12 @@ def main() -> None:
     command = "python -m bench.run_clothing " + " ".join(
         [f"--tuner {args.tuner} --max-trials {args.max_trials} --epochs {args.epochs} "
          f"--image-size {args.image_size} --batch-size {args.batch_size}", *trainer_args])
-    text = f"""# The whole pipeline on clothing-small (real photos, shared ImageNet MobileNetV2 weights)
+    text = f"""## The whole pipeline on clothing-small (real photos, shared ImageNet MobileNetV2 weights)
 
 Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {_machine()}.
 Command: `{command}` (total {total / 60:.1f} min).
 
-## Accuracy on the test split ({metrics['num_examples']} photos, 10 classes)
+### Accuracy on the test split ({metrics['num_examples']} photos, 10 classes)
 | path | accuracy |
 |---|---|
 | trainer's own evaluation of the exported model (`eval/metrics.json`) | {result.trainer_accuracy:.4f} |
@@ -125,17 +126,32 @@ Best hyperparameters (trial {best.get('trial_id')}, val_accuracy {best.get('scor
 
 ![confusion matrix](clothing_confusion_matrix.png)
 
-## Wall time of each stage
+### Wall time of each stage
 | stage | time |
 |---|---|
 {stages}
 
-## The tuner's table (best first)
+### The tuner's table (best first)
 {_trials_table(os.path.join(result.job_dir, 'tuner'))}
 """
-    with open(args.results, "w") as handle:
-        handle.write(text)
-    print(f"wrote {args.results}")
+    update_section(args.results, text)
+    print(f"wrote the clothing section of {args.results}")
+
+
+BEGIN, END = "<!-- clothing: begin (written by bench/run_clothing.py) -->", "<!-- clothing: end -->"
+
+
+def update_section(path: str, text: str) -> None:
+    """Replace the text between the clothing markers of ``path`` (append them when absent; atomic)."""
+    old = open(path).read() if os.path.exists(path) else ""
+    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    else:
+        new = (old.rstrip() + "\n\n" if old else "") + block + "\n"
+    with open(path + ".tmp", "w") as handle:
+        handle.write(new)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

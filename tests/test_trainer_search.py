@@ -36,6 +36,15 @@ def test_a_search_writes_the_job_folder_of_the_contract(searched_job):
     assert _statuses(searched_job) == ["COMPLETED", "COMPLETED"]
 
 
+def test_the_trials_table_records_each_trials_wall_time(searched_job):
+    import csv
+
+    with open(searched_job / "tuner" / "trials.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2
+    assert all(float(row["elapsed_s"]) > 0 for row in rows)
+
+
 def test_tensorboard_has_scalars_per_trial_and_for_the_final_fit(searched_job):
     trial_logs = [p for p in (searched_job / "tensorboard" / "search").iterdir() if p.is_dir()]
     assert len(trial_logs) == 2

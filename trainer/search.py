@@ -56,6 +56,7 @@ class _ProgressMixin:
         super().on_trial_end(trial)
         took = time.perf_counter() - self._trial_started
         self.__dict__.setdefault("durations", []).append(took)
+        self.__dict__.setdefault("trial_seconds", {})[trial.trial_id] = took
         self.__dict__.setdefault("statuses", {})
         number, total = _number(trial), scheduled_trials(self.oracle)
         left = ""

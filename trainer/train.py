@@ -50,7 +50,26 @@ def _weights_id(weights: str, weights_path: str | None) -> str:
 
 
 def run(config: TrainConfig, placement=None) -> dict:
-    """Run the trainer end to end; see the module docstring."""
+    """Run the trainer end to end; see the module docstring.
+
+    On a worker of a multi-worker strategy that is not the chief, everything
+    goes to a scratch folder that is deleted at the end, and the run stops
+    after the retrain (the chief evaluates, gates and exports).
+    """
+    from trainer import distribute
+
+    if distribute.writes_shared_outputs(config.strategy):
+        return _run(config, placement)
+    import shutil
+
+    config, scratch = distribute.scratch_config(config)
+    try:
+        return _run(config, placement, chief=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
     import keras
     import tensorflow as tf
 
@@ -107,7 +126,7 @@ def run(config: TrainConfig, placement=None) -> dict:
             cache_to = os.path.join(cache_to, f"{split}-{image_size[0]}x{image_size[1]}")
         return data.image_dataset(info, split, image_size, batch, shuffle=(split == "train"), seed=config.seed,
                                   augmenter=augmenter if augment else None, cache=cache_to,
-                                  replicas=placement.replicas)
+                                  replicas=placement.replicas, ordered=placement.workers > 1)
 
     def features(split, pooling=None):
         return cache.dataset(split, batch, shuffle=(split == "train"), seed=config.seed, replicas=placement.replicas,
@@ -120,6 +139,8 @@ def run(config: TrainConfig, placement=None) -> dict:
     if role != "chief":
         cache.ensure()
     tuner = search.create_tuner(model_builder, config, placement.strategy)
+    if placement.workers > 1:
+        _check_same_search(tuner, placement, config)
     if role != "worker":
         search.record_identity(config, identity)
     search_board = os.path.join(config.tensorboard_dir, "search")
@@ -144,13 +165,31 @@ def run(config: TrainConfig, placement=None) -> dict:
 
     cache.ensure()
     model, history = retrain(model_builder, best.hyperparameters, config)
+    if not chief:
+        log.info("retrained; waiting for the chief to evaluate, gate and export")
+        distribute.barrier(placement.strategy)
+        return {"role": "worker", "trials": counts, "best_trial": best.trial_id}
     summary = {"role": role, "trials": counts, "best_trial": best.trial_id, "best_score": best.score,
                "best_hyperparameters": best_values, "search_mode": mode,
                "class_weights": {info.labels[i]: round(w, 4) for i, w in (weights or {}).items()}}
     summary.update(_evaluate_gate_export(model, history, info, image_size, backbone.name, best_values, config))
     summary["seconds"] = round(time.perf_counter() - started, 1)
     _write_json(os.path.join(config.job_dir, "summary.json"), summary)
+    if placement.workers > 1:
+        distribute.barrier(placement.strategy)  # the other workers wait for this, then all exit together
     return summary
+
+
+def _check_same_search(tuner, placement, config: TrainConfig) -> None:
+    """Every worker of a multi-worker strategy must run the same trials: refuse when their tuner states differ."""
+    from trainer import distribute
+
+    trials = list(tuner.oracle.trials.values())
+    state = [len(trials), sum(1 for t in trials if str(getattr(t.status, "value", t.status)) == "COMPLETED")]
+    if not distribute.same_on_all_workers(placement.strategy, state):
+        raise UserError(f"--job-dir {config.job_dir}: the workers hold different searches ({state[0]} trials here); "
+                        "a multi-worker search cannot resume (the other workers start from empty scratch "
+                        "folders): pass --overwrite or use a new --job-dir")
 
 
 def retrain(model_builder, hyperparameters, config: TrainConfig):
@@ -178,12 +217,9 @@ def retrain(model_builder, hyperparameters, config: TrainConfig):
 
 
 def _trials_table(tuner, config: TrainConfig) -> None:
-    try:
-        from trainer.reports import write_trials_table
-    except ImportError:
-        log.warning("trainer.reports is not available: no trials table written")
-        return
-    write_trials_table(tuner.oracle, config.tuner_dir)
+    from trainer.reports import write_trials_table
+
+    write_trials_table(tuner.oracle, config.tuner_dir, elapsed_s=tuner.__dict__.get("trial_seconds", {}))
 
 
 def _evaluate_gate_export(model, history, info, image_size, backbone_name, best_values, config) -> dict:
@@ -194,23 +230,16 @@ def _evaluate_gate_export(model, history, info, image_size, backbone_name, best_
         log.warning("no test split in %s: evaluating and gating on the validation split", config.data_dir)
     dataset = data.image_dataset(info, split, image_size, config.batch_size)
     result: dict = {"eval_split": split}
-    try:
-        from trainer.evaluate import evaluate_model
-    except ImportError:
-        evaluate_model = None
-    if evaluate_model is not None:
-        metrics = evaluate_model(model, dataset, info.labels, config.eval_dir, history=history, top_k=config.top_k)
-    else:
-        values = model.evaluate(dataset, verbose=0, return_dict=True)
-        metrics = {"accuracy": float(values["accuracy"])}
-        _write_json(os.path.join(config.eval_dir, "metrics.json"), metrics)
+    from trainer.evaluate import evaluate_model
+
+    metrics = evaluate_model(model, dataset, info.labels, config.eval_dir, history=history, top_k=config.top_k)
     result["accuracy"] = float(metrics["accuracy"])
     log.info("%s accuracy of the retrained model: %.4f (%s)", split, result["accuracy"], config.eval_dir)
     if not config.export:
         return result
 
     images, labels = data.encoded_examples(info, split)
-    publish, reason = _gate(result["accuracy"], images, labels, config)
+    publish, reason = _gate(result["accuracy"], images, labels, info.labels, config)
     result["published"] = publish
     result["gate"] = reason
     if not publish:
@@ -232,20 +261,11 @@ def _evaluate_gate_export(model, history, info, image_size, backbone_name, best_
     return result
 
 
-def _gate(score: float, images, labels, config: TrainConfig) -> tuple[bool, str]:
-    out_path = os.path.join(config.job_dir, "gate.json")
-    try:
-        from trainer.gate import decide
-    except ImportError:
-        decide = None
-    if decide is not None:
-        decision = decide(score, config.export_dir, images, labels, min_accuracy=config.min_accuracy,
-                          force=config.force, out_path=out_path)
-        return decision.publish, decision.reason
-    if score < config.min_accuracy and not config.force:
-        reason = f"accuracy {score:.4f} is below --min-accuracy {config.min_accuracy}"
-    else:
-        reason = f"accuracy {score:.4f} passes --min-accuracy {config.min_accuracy} (no comparison: gate not available)"
-    publish = score >= config.min_accuracy or config.force
-    _write_json(out_path, {"publish": publish, "reason": reason, "new_score": score})
-    return publish, reason
+def _gate(score: float, images, labels, label_names, config: TrainConfig) -> tuple[bool, str]:
+    """Publish only at or above ``--min-accuracy`` and not below the latest published version (``JOB/gate.json``)."""
+    from trainer.gate import decide
+
+    decision = decide(score, config.export_dir, images, labels, min_accuracy=config.min_accuracy,
+                      force=config.force, out_path=os.path.join(config.job_dir, "gate.json"),
+                      label_names=label_names)
+    return decision.publish, decision.reason
