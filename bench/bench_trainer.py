@@ -263,6 +263,39 @@ def bench_cached_epochs(info, backbone, weights: str, batch_size: int, cache_roo
     return result
 
 
+def bench_augment_layers(batch_size: int, rounds: int = 7) -> dict:
+    """Seconds per batch of two resamplings (RandomRotation then RandomZoom) against one (RandomRotationZoom).
+
+    Both run as graph functions on the same batch of 224x224 float images,
+    interleaved round by round; the median of ``rounds`` counts.
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.augment import RandomRotationZoom
+
+    images = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch_size, *SIZE, 3)).astype("float32"))
+    two = keras.Sequential([keras.layers.RandomRotation(0.05, fill_mode="reflect", seed=1),
+                            keras.layers.RandomZoom(0.1, fill_mode="reflect", seed=2)])
+    one = RandomRotationZoom(0.05, zoom=0.1, fill_mode="reflect", seed=1)
+    fns = {"rotation_then_zoom": tf.function(lambda x: two(x, training=True)),
+           "rotation_zoom_one_pass": tf.function(lambda x: one(x, training=True))}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn(images).numpy()  # trace
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn(images).numpy()
+            times[name].append(time.perf_counter() - started)
+    result = {name: statistics.median(values) for name, values in times.items()}
+    result["speedup"] = result["rotation_then_zoom"] / result["rotation_zoom_one_pass"]
+    log(f"augmentation per batch of {batch_size}: rotation then zoom {result['rotation_then_zoom'] * 1e3:.0f} ms, "
+        f"one pass {result['rotation_zoom_one_pass'] * 1e3:.0f} ms ({result['speedup']:.2f}x)")
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="224x224 TFRecords (default: build them from clothing-small)")
@@ -270,7 +303,15 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=15, help="fine-tune steps timed per setting")
     parser.add_argument("--json", help="write the figures here as JSON")
+    parser.add_argument("--only-augment", action="store_true",
+                        help="only time the augmentation layers (no data or weights needed)")
     args = parser.parse_args(argv)
+    if args.only_augment:
+        result = bench_augment_layers(args.batch_size)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(result, handle, indent=2)
+        return 0
 
     workdir = tempfile.mkdtemp(prefix="bench-trainer-")
     try:
@@ -291,6 +332,7 @@ def main(argv=None) -> int:
         log(f"data: {data_dir}, train {info.size('train')} images, {info.num_classes} classes")
 
         results = {"machine": info_machine, "batch_size": args.batch_size, "data_dir": data_dir}
+        results["augment_layers"] = bench_augment_layers(args.batch_size)
         results["input"] = bench_input(info, args.batch_size, augmenter)
         num_blocks = len(backbone.blocks(backbone.build(SIZE, None)))
         results["finetune"] = [bench_finetune(info, backbone, args.weights, args.batch_size, depth, args.steps, augmenter)
