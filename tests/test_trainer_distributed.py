@@ -5,6 +5,9 @@
   tests keep one device and float32.
 - Distributed tuning: Keras Tuner's chief/worker mode, a chief oracle and two
   worker processes on 127.0.0.1 sharing one search.
+- Synchronous multi-worker training: ``MultiWorkerMirroredStrategy`` over two
+  ``python -m trainer`` processes on 127.0.0.1 (``TF_CONFIG``), both phases;
+  only the chief writes the job folder.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import os
 import socket
 import subprocess
 import sys
+
+import pytest
 
 QUICK = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--no-export"]
 
@@ -83,3 +88,47 @@ def test_a_chief_and_two_workers_complete_one_search(tfrecord_data, tmp_path, re
     rows = trials if isinstance(trials, list) else trials.get("trials", [])
     assert sum(1 for row in rows if str(row.get("status")).upper() == "COMPLETED") == 2
     assert (tmp_path / "best_hyperparameters.json").exists()
+
+
+@pytest.mark.timeout(600)
+def test_two_workers_train_one_model_and_only_the_chief_writes_the_job_folder(tfrecord_data, tmp_path, repo_root):
+    """``MultiWorkerMirroredStrategy`` from TF_CONFIG: the head phase on cached features and a fine-tune phase."""
+    job = tmp_path / "job"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    hosts = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
+    args = [sys.executable, "-m", "trainer", "--data", str(tfrecord_data), "--job-dir", str(job), "--tuner", "random",
+            "--max-trials", "1", "--search-space", json.dumps({"finetune_depth": [1], "dense_layers": 0}),
+            *[a for a in QUICK if a != "--no-export"]]
+    workers = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})
+        workers.append(subprocess.Popen(args, cwd=repo_root, env=_env(TF_CONFIG=tf_config, TMPDIR=str(scratch)),
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [w.communicate(timeout=540)[0] for w in workers]
+    finally:
+        for process in workers:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert [w.returncode for w in workers] == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+    chief_log, other_log = logs
+    assert "MultiWorkerMirroredStrategy over 2 workers" in chief_log and "the chief" in chief_log
+    assert "worker 1 is not the chief" in other_log
+    after_redirect = other_log.split("is not the chief", 1)[1].split("\n", 1)[1]
+    assert str(job) not in after_redirect and str(scratch) in after_redirect
+    # Both phases ran on both workers, in lockstep: the same trial, the same validation score.
+    assert all(log.count("done in") == 1 and "val_accuracy" in log for log in logs)
+    scores = [log.split("done in", 1)[1].split("val_accuracy", 1)[1].split(";")[0].strip() for log in logs]
+    assert scores[0] == scores[1]
+    best = json.loads((job / "best_hyperparameters.json").read_text())
+    assert best["values"]["finetune_depth"] == 1 and best["score"] is not None
+    # One export, by the chief; the other worker wrote nothing here, and its scratch folder is gone.
+    assert sorted(p.name for p in (job / "export").iterdir() if not p.name.startswith(".")) == ["1"]
+    assert json.loads((job / "summary.json").read_text())["export_version"] == 1
+    assert "published version 1" in chief_log and "published" not in other_log
+    assert not list(scratch.iterdir()), "the non-chief worker left its scratch folder behind"
+    written = {p.relative_to(job).parts[0] for p in job.rglob("*")}
+    assert written <= {"tuner", "tensorboard", "best_hyperparameters.json", "eval", "gate.json", "export", "cache",
+                       "summary.json"}

@@ -148,8 +148,11 @@ def _count_split(data_dir, split, files, labels, carve, fraction) -> dict[str, l
     return counts
 
 
-def _records(info: DataInfo, split: str, *, shuffle: bool, seed: int):
-    """Serialized-parsed records of a split (or the carved part of train) as ``(encoded, label)``."""
+def _records(info: DataInfo, split: str, *, shuffle: bool, seed: int, ordered: bool = False):
+    """Serialized-parsed records of a split (or the carved part of train) as ``(encoded, label)``.
+
+    Shuffled reads may come out of order (faster) unless ``ordered``.
+    """
     import tensorflow as tf
 
     source = "train" if (info.carved_validation and split == "validation") else split
@@ -159,9 +162,10 @@ def _records(info: DataInfo, split: str, *, shuffle: bool, seed: int):
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
         dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    deterministic = ordered or not shuffle
     dataset = dataset.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
-                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
-    dataset = dataset.map(tfrecords.parse_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    dataset = dataset.map(tfrecords.parse_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     if info.carved_validation and source == "train":
         threshold = int(info.validation_fraction * _BUCKETS)
         keep_validation = split == "validation"
@@ -188,20 +192,43 @@ def batch_for_replicas(dataset, batch_size: int, count: int, replicas: int = 1, 
     batch_size = max(replicas, (batch_size // replicas) * replicas)
     if train:
         batch_size = max(replicas, min(batch_size, (count // replicas) * replicas))
-        return dataset.batch(batch_size, drop_remainder=True)
+        return shard_by_data(dataset.batch(batch_size, drop_remainder=True))
     full = (count // batch_size) * batch_size
-    return dataset.take(full).batch(batch_size, drop_remainder=True).concatenate(
-        dataset.skip(full).batch(replicas, drop_remainder=True))
+    return shard_by_data(dataset.take(full).batch(batch_size, drop_remainder=True).concatenate(
+        dataset.skip(full).batch(replicas, drop_remainder=True)))
+
+
+def shard_by_data(dataset):
+    """Shard over the workers of a multi-worker strategy by batches, not by files.
+
+    ``MultiWorkerMirroredStrategy`` auto-shards a dataset across workers. By
+    files (the default for TFRecords) a worker can get no file at all (fewer
+    shards than workers), and workers with files of different sizes take
+    different numbers of steps; in-memory features have no files. ``DATA``
+    gives every worker the same number of steps: each reads the whole split in
+    the same (seeded) order and keeps its own replicas' slices of every global
+    batch, whose sizes :func:`batch_for_replicas` makes divisible by the
+    replicas. (The cost: every worker decodes every image of a split.) On one
+    machine the policy changes nothing.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
 
 
 def image_dataset(info: DataInfo, split: str, image_size: tuple[int, int], batch_size: int, *,
                   shuffle: bool = False, seed: int = 0, augmenter=None, cache: str | None = None,
-                  repeat: bool = False, replicas: int = 1):
+                  repeat: bool = False, replicas: int = 1, ordered: bool = False):
     """Batches of ``(images float32 [B, H, W, 3] in [0, 255], labels int32 [B])`` of one split.
 
     ``cache`` is None, ``"memory"`` or a file path prefix (decoded images are
     cached after the first pass). ``augmenter`` (see :mod:`trainer.augment`)
-    runs on shuffled training batches only.
+    runs on shuffled training batches only. ``ordered``: the shuffled order
+    is a function of ``seed`` alone (the workers of a multi-worker strategy
+    must read the same order, see :func:`shard_by_data`); otherwise parallel
+    reads and decodes may reorder it.
     """
     import tensorflow as tf
 
@@ -209,13 +236,13 @@ def image_dataset(info: DataInfo, split: str, image_size: tuple[int, int], batch
 
     size = tuple(int(s) for s in image_size)
     mode = info.resize_mode
-    dataset = _records(info, split, shuffle=shuffle, seed=seed)
+    dataset = _records(info, split, shuffle=shuffle, seed=seed, ordered=ordered)
     if shuffle and not cache:
         # Shuffle encoded records (small), not decoded float images (a 224 px image is 600 KB).
         dataset = dataset.shuffle(min(max(info.size(split), 1), 10000), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.map(lambda encoded, label: (tfrecords.decode_and_resize(encoded, size, mode),
                                                   tf.cast(label, tf.int32)),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered or not shuffle)
     if cache == "memory":
         dataset = dataset.cache()
     elif cache:
