@@ -11,6 +11,7 @@ Run by hand (not a test)::
 
     .venv/bin/python bench/bench_preprocessing.py                 # clothing-small + 1,000 and 10,000 generated
     .venv/bin/python bench/bench_preprocessing.py --sizes 1000 --skip-clothing   # quick look
+    .venv/bin/python bench/bench_preprocessing.py --baseline /tmp/old-checkout     # also another version's job
 
 Writes a Markdown table to stdout and, with --results, to that file.
 """
@@ -24,6 +25,7 @@ import multiprocessing
 import os
 import platform
 import random
+import resource
 import struct
 import subprocess
 import sys
@@ -122,10 +124,20 @@ def _tree_rss(root_pid: int) -> int:
     return total
 
 
-def measure(command: list[str]) -> dict:
-    """Run ``command``; wall seconds and the peak RSS of its process tree, sampled every 0.1 s."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(command: list[str], cwd: Path = REPO) -> dict:
+    """Run ``command``; wall seconds, CPU seconds and the peak RSS of its process tree (sampled every 0.1 s).
+
+    CPU time counts the processes of the tree that were waited for (Beam's
+    workers and the Pool's are).
+    """
+    cpu_before = _children_cpu()
     started = time.monotonic()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd)
     peak = 0
     stop = threading.Event()
 
@@ -143,36 +155,51 @@ def measure(command: list[str]) -> dict:
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(command)}\n{stderr[-3000:]}")
-    return {"seconds": seconds, "peak_rss_mb": peak / 2**20}
+    return {"seconds": seconds, "cpu_seconds": _children_cpu() - cpu_before, "peak_rss_mb": peak / 2**20}
 
 
-def bench_one(name: str, input_dir: Path, work: Path, size: int, workers: int, repeat: int) -> dict:
+def _summary(prefix: str, runs: list[dict], count: int) -> dict:
+    seconds = sorted(m["seconds"] for m in runs)
+    return {
+        f"{prefix}_seconds": seconds[0], f"{prefix}_median": seconds[len(seconds) // 2],
+        f"{prefix}_images_per_s": count / seconds[0], f"{prefix}_peak_mb": max(m["peak_rss_mb"] for m in runs),
+        f"{prefix}_cpu": sorted(m["cpu_seconds"] for m in runs)[len(runs) // 2],
+    }
+
+
+def bench_one(name: str, input_dir: Path, work: Path, size: int, workers: int, repeat: int,
+              baseline: Path | None = None) -> dict:
     """Beam and plain, interleaved ``repeat`` times; the best time of each (the least disturbed by other load)."""
     count = len(list_images(input_dir))
     out = work / f"beam-{name}"
-    beam_command = [sys.executable, "-m", "preprocessing", "--input", str(input_dir), "--output", str(out),
-                    "--image-size", str(size), "--overwrite", "--progress-seconds", "0",
-                    f"--direct_num_workers={workers}"]
+
+    def job(output: Path) -> list[str]:
+        return [sys.executable, "-m", "preprocessing", "--input", str(input_dir), "--output", str(output),
+                "--image-size", str(size), "--overwrite", "--progress-seconds", "0", f"--direct_num_workers={workers}"]
+
+    beam_command = job(out)
     plain_command = [sys.executable, __file__, "--plain", str(input_dir), str(work / f"plain-{name}.bin"),
                      "--image-size", str(size), "--workers", str(workers)]
-    beams, plains = [], []
+    # the same job from another checkout (its own preprocessing package: cwd and the workers' PYTHONPATH)
+    base_command = job(work / f"baseline-{name}")
+    beams, plains, bases = [], [], []
     for _ in range(repeat):
         beams.append(measure(beam_command))
         plains.append(measure(plain_command))
+        if baseline:
+            bases.append(measure(base_command, cwd=baseline))
     stats = json.loads((out / "stats.json").read_text())
-    beam_s = sorted(m["seconds"] for m in beams)
-    plain_s = sorted(m["seconds"] for m in plains)
-    row = {
-        "dataset": name, "images": count, "written": stats["totals"]["written"],
-        "beam_seconds": beam_s[0], "beam_median": beam_s[len(beam_s) // 2],
-        "beam_images_per_s": count / beam_s[0], "beam_peak_mb": max(m["peak_rss_mb"] for m in beams),
-        "plain_seconds": plain_s[0], "plain_median": plain_s[len(plain_s) // 2],
-        "plain_images_per_s": count / plain_s[0], "plain_peak_mb": max(m["peak_rss_mb"] for m in plains),
-    }
+    row = {"dataset": name, "images": count, "written": stats["totals"]["written"],
+           **_summary("beam", beams, count), **_summary("plain", plains, count)}
     row["ratio"] = row["beam_images_per_s"] / row["plain_images_per_s"]
     row["ratio_median"] = row["plain_median"] / row["beam_median"]
+    if bases:
+        row.update(_summary("base", bases, count))
+        row["base_ratio"] = row["base_images_per_s"] / row["plain_images_per_s"]
+        row["base_ratio_median"] = row["plain_median"] / row["base_median"]
     print(f"  {name}: beam {row['beam_images_per_s']:.1f} img/s ({row['beam_peak_mb']:.0f} MB), "
-          f"plain {row['plain_images_per_s']:.1f} img/s ({row['plain_peak_mb']:.0f} MB), ratio {row['ratio']:.2f}",
+          f"plain {row['plain_images_per_s']:.1f} img/s ({row['plain_peak_mb']:.0f} MB), ratio {row['ratio']:.2f}"
+          + (f"; baseline beam {row['base_images_per_s']:.1f} img/s ({row['base_peak_mb']:.0f} MB)" if bases else ""),
           file=sys.stderr)
     return row
 
@@ -187,18 +214,32 @@ def machine() -> str:
     return f"{platform.node()}: {len(os.sched_getaffinity(0))} cores ({cpu}), {memory:.0f} GiB, Python {platform.python_version()}"
 
 
-def table(rows: list[dict]) -> str:
+def _git_head(checkout: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h %s"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+
+
+def table(rows: list[dict], baseline: str | None = None) -> str:
+    """One line per dataset and job: this checkout's Beam job, the baseline's (if any), the plain loop."""
     lines = [
-        "| dataset | images | Beam best s (median) | Beam img/s | Beam peak MB | plain best s (median) | plain img/s "
-        "| plain peak MB | ratio best (median) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dataset | images | run | best s (median) | img/s | peak MB | CPU s (median) | ratio to plain, best (median) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
+    jobs = [("beam", "Beam"), *([("base", f"Beam, {baseline}")] if baseline else []), ("plain", "plain Pool")]
     for r in rows:
-        lines.append(
-            f"| {r['dataset']} | {r['images']:,} | {r['beam_seconds']:.1f} ({r['beam_median']:.1f}) | "
-            f"{r['beam_images_per_s']:.1f} | {r['beam_peak_mb']:.0f} | {r['plain_seconds']:.1f} ({r['plain_median']:.1f}) | "
-            f"{r['plain_images_per_s']:.1f} | {r['plain_peak_mb']:.0f} | {r['ratio']:.2f} ({r['ratio_median']:.2f}) |"
-        )
+        for prefix, label in jobs:
+            if f"{prefix}_seconds" not in r:
+                continue
+            ratio = "" if prefix == "plain" else (
+                f"{r['ratio' if prefix == 'beam' else 'base_ratio']:.2f} "
+                f"({r['ratio_median' if prefix == 'beam' else 'base_ratio_median']:.2f})")
+            lines.append(
+                f"| {r['dataset']} | {r['images']:,} | {label} | {r[prefix + '_seconds']:.1f} ({r[prefix + '_median']:.1f}) "
+                f"| {r[prefix + '_images_per_s']:.1f} | {r[prefix + '_peak_mb']:.0f} | {r[prefix + '_cpu']:.1f} | {ratio} |"
+            )
     return "\n".join(lines)
 
 
@@ -211,6 +252,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes for both (default: cores)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each, interleaved; the best counts (default %(default)s)")
     parser.add_argument("--results", help="also write the Markdown table and context to this file")
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="also run the Beam job of another checkout of this repository (e.g. a git worktree of "
+                             "an older commit), interleaved with the others, for a before/after under the same load")
     parser.add_argument("--plain", nargs=2, metavar=("INPUT", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain:
@@ -226,7 +270,9 @@ def main() -> None:
         print(f"generating {count:,} images (cached in {work}) ...", file=sys.stderr)
         datasets.append((f"generated-{count}", generated_set(work, count)))
     load_before = os.getloadavg()
-    rows = [bench_one(name, folder, work, args.image_size, args.workers, args.repeat) for name, folder in datasets]
+    baseline = Path(args.baseline).resolve() if args.baseline else None
+    rows = [bench_one(name, folder, work, args.image_size, args.workers, args.repeat, baseline)
+            for name, folder in datasets]
     load_after = os.getloadavg()
     report = "\n".join([
         f"Machine: {machine()}",
@@ -234,8 +280,9 @@ def main() -> None:
         f"after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}",
         f"Output {args.image_size}x{args.image_size} JPEG q95, stretch; {args.workers} worker processes each; "
         f"{args.repeat} interleaved runs of each, best (and median) wall time of the whole command.",
+        *([f"Baseline: the Beam job of {baseline} ({_git_head(baseline)})."] if baseline else []),
         "",
-        table(rows),
+        table(rows, f"baseline {baseline}" if baseline else None),
     ])
     print(report)
     if args.results:

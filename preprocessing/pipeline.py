@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import threading
 import time
 from typing import Iterable
 
@@ -114,27 +112,6 @@ class ListedFile(beam.DoFn):
         yield item
 
 
-def _import_example_protos() -> None:
-    """Import TensorFlow's Example protos (what ``serialize_example`` needs) in the background, quietly.
-
-    The import costs each worker seconds of CPU; started while the worker
-    reads and hashes files (mostly I/O, sha256 releases the GIL), it is done
-    by the time the first image is converted instead of delaying it. Its C++
-    start-up lines (oneDNN, CUDA) go to /dev/null: a worker never runs a
-    TensorFlow op. A failing import is left to ``Convert.setup`` to report.
-    """
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        from tensorflow.core.example import example_pb2  # noqa: F401
-    except Exception:  # noqa: BLE001
-        pass
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 class ReadAndHash(beam.DoFn):
     """Read a file, hash it and check its header: ``(sha256, item with its split)`` or a rejection.
 
@@ -150,7 +127,6 @@ class ReadAndHash(beam.DoFn):
 
     def setup(self) -> None:
         self.progress = stats.WorkerProgress("files read and hashed", self.progress_seconds)
-        threading.Thread(target=_import_example_protos, name="import-tensorflow", daemon=True).start()
 
     def process(self, item: InputItem) -> Iterable:
         try:
@@ -202,9 +178,7 @@ class Convert(beam.DoFn):
         self.config = config
 
     def setup(self) -> None:
-        from tensorflow.core.example import example_pb2  # noqa: F401 - usually already imported by ReadAndHash
-
-        from preprocessing.tfrecords import serialize_example
+        from preprocessing.tfrecords import serialize_example  # protobuf only: workers never import TensorFlow
 
         self.serialize = serialize_example
         self.progress = stats.WorkerProgress("images converted", self.config.progress_seconds)

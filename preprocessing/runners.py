@@ -4,6 +4,8 @@ With no ``--runner`` (or ``--runner DirectRunner``) the job runs on Beam's
 FnApiRunner in ``multi_processing`` mode with one worker process per core.
 It is picked explicitly because Beam 2.77's ``DirectRunner`` name first tries
 the Prism runner, which downloads a Go binary at run time (impossible offline).
+Its worker processes run Beam's SDK harness through :mod:`preprocessing.worker`,
+which only sets up their console logging first.
 Any other ``--runner`` (DataflowRunner, FlinkRunner, SparkRunner, PrismRunner
 ...) and every other Beam option pass straight through to ``PipelineOptions``.
 """
@@ -15,9 +17,15 @@ import os
 from dataclasses import dataclass
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
+from apache_beam.portability import python_urns
+from apache_beam.runners.portability.fn_api_runner import fn_runner
 
 # Workers log our progress; Beam's start-up chatter in each worker is noise to a person watching.
-_WORKER_LOG_LEVELS = {"preprocessing": "INFO", "__main__": "ERROR", "apache_beam.options.pipeline_options": "ERROR"}
+_WORKER_LOG_LEVELS = {"preprocessing": "INFO", "__main__": "ERROR", "apache_beam.runners.worker.sdk_worker_main": "ERROR",
+                      "apache_beam.options.pipeline_options": "ERROR"}
+# The worker command FnApiRunner's multi_processing mode starts, and ours (the same harness, quieter logs).
+_BEAM_WORKER_MODULE = b" -m apache_beam.runners.worker.sdk_worker_main"
+_WORKER_MODULE = b" -m preprocessing.worker"
 LOCAL_RUNNER_NAMES = ("", "directrunner", "direct", "fnapirunner")
 
 
@@ -90,12 +98,27 @@ def _fn_api_runner(options: PipelineOptions):
     batch pipeline to the FnApiRunner.
     """
     from apache_beam.portability.api import beam_provision_api_pb2
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-    return fn_runner.FnApiRunner(provision_info=info)
+    return LocalRunner(provision_info=info)
+
+
+class LocalRunner(fn_runner.FnApiRunner):
+    """Beam's FnApiRunner whose worker processes start with :mod:`preprocessing.worker`.
+
+    That module runs Beam's own SDK harness after setting up the worker's
+    console logging (no bootstrap INFO lines, no "apitools not found"). The
+    runner hard-codes its worker command line for ``multi_processing``, so the
+    command is swapped in the pipeline proto it is about to run.
+    """
+
+    def run_via_runner_api(self, pipeline_proto, options):
+        for environment in pipeline_proto.components.environments.values():
+            if environment.urn == python_urns.SUBPROCESS_SDK and environment.payload.endswith(_BEAM_WORKER_MODULE):
+                environment.payload = environment.payload[: -len(_BEAM_WORKER_MODULE)] + _WORKER_MODULE
+        return super().run_via_runner_api(pipeline_proto, options)
 
 
 def _make_package_importable_in_workers() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,10 +112,28 @@ def test_local_runner_uses_worker_processes_and_needs_no_network(tmp_path):
     assert "multi_processing" in stats["run"]["runner"]
     assert stats["totals"] == {"found": 27, "written": 24, "rejected": 3, "duplicates": 0}
     assert "3 rejected inputs are listed with their reasons in" in proc.stderr
+    # the workers (preprocessing.worker) print their own lines in the driver's format, and none of Beam's start-up noise
+    assert re.search(r"^\d\d:\d\d:\d\d INFO listed \d+ input files$", proc.stderr, re.MULTILINE), proc.stderr[-3000:]
+    for noise in ("apitools not found", "Logging handler created", "INFO:"):
+        assert noise not in proc.stderr, proc.stderr[-3000:]
     # one shard per worker that wrote records: the Reshuffle after listing spread the files over both workers
     assert sorted(p.name for p in out.glob("train-*")) == ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
     assert {e["path"].rsplit("/", 1)[-1] for e in readback.read_errors(str(out))} == {
         "broken_empty.jpg", "broken_truncated.jpg", "broken_not_an_image.jpg"}
+
+
+def test_the_job_does_not_import_tensorflow(tmp_path, repo_root):
+    """Listing, hashing, converting and writing records need no TensorFlow (in-process runner: the
+    workers' DoFns run in this same interpreter, so whatever they import shows in sys.modules)."""
+    root = _two_classes(tmp_path / "in")
+    code = ("import sys\n"
+            "from preprocessing.cli import main\n"
+            f"assert main(['--input', {str(root)!r}, '--output', {str(tmp_path / 'd')!r}, '--image-size', '8', "
+            f"*{IN_PROCESS!r}]) == 0\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'tensorflow'], 'tensorflow imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert readback.read_stats(str(tmp_path / "d"))["totals"]["written"] == 6
 
 
 def test_size_mode_and_format_flags_reach_the_records_and_stats(tmp_path):
