@@ -50,7 +50,12 @@ class _ProgressMixin:
         self._trial_started = time.perf_counter()
         values = ", ".join(f"{k}={_short(v)}" for k, v in trial.hyperparameters.values.items()
                            if not k.startswith("tuner/"))
-        log.info("trial %s of %s starting: %s", _number(trial), scheduled_trials(self.oracle) or "?", values)
+        number, total = _number(trial), scheduled_trials(self.oracle)
+        if isinstance(number, int) and total and number > total:
+            log.info("trial %s starting again (it was interrupted; Keras Tuner finishes it even past the %d "
+                     "trials asked for): %s", number, total, values)
+        else:
+            log.info("trial %s of %s starting: %s", number, total or "?", values)
 
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
