@@ -36,7 +36,7 @@ def _machine() -> str:
             model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
     except OSError:
         pass
-    return f"{os.cpu_count()} CPU cores ({model or platform.processor()}), no GPU, {platform.python_version()}"
+    return f"{os.cpu_count()} CPU cores ({model or platform.processor()}), no GPU, Python {platform.python_version()}"
 
 
 def _trials_table(tuner_dir: str, limit: int = 15) -> str:
@@ -47,8 +47,8 @@ def _trials_table(tuner_dir: str, limit: int = 15) -> str:
         rows = list(csv.DictReader(handle))
     fixed = {"rank", "trial_id", "number", "status", "score", "best_step", "elapsed_s", "message"}
     hp_names = [name for name in (rows[0].keys() if rows else []) if name not in fixed]
-    lines = ["| rank | trial | status | val_accuracy | " + " | ".join(hp_names) + " |",
-             "|" + "---|" * (4 + len(hp_names))]
+    lines = ["| rank | trial | status | val_accuracy | time | " + " | ".join(hp_names) + " |",
+             "|" + "---|" * (5 + len(hp_names))]
     for row in rows[:limit]:
         score = f"{float(row['score']):.4f}" if row.get("score") else ""
         values = []
@@ -60,7 +60,9 @@ def _trials_table(tuner_dir: str, limit: int = 15) -> str:
             except ValueError:
                 pass
             values.append(value)
-        lines.append(f"| {row['rank']} | {row['trial_id']} | {row['status']} | {score} | " + " | ".join(values) + " |")
+        elapsed = f"{float(row['elapsed_s']) / 60:.1f} min" if row.get("elapsed_s") else "?"
+        lines.append(f"| {row['rank']} | {row['trial_id']} | {row['status']} | {score} | {elapsed} | "
+                     + " | ".join(values) + " |")
     if len(rows) > limit:
         lines.append(f"\n({len(rows) - limit} more trials in {path})")
     return "\n".join(lines)

@@ -79,6 +79,14 @@ class _ProgressMixin:
         else:
             log.info("trial %s of %s done in %s: val_accuracy %.4f%s", number, total or "?", _duration(took), score,
                      left)
+        if hasattr(self.oracle, "trials") and type(self.oracle).__name__ != "OracleClient":
+            # Rewritten after every trial, so a long or interrupted search keeps its table and times.
+            from trainer.reports import write_trials_table
+
+            try:
+                write_trials_table(self.oracle, self.project_dir, elapsed_s=self.__dict__["trial_seconds"])
+            except Exception as error:  # noqa: BLE001 - a report must not stop the search
+                log.warning("could not update the trials table in %s: %s", self.project_dir, error)
 
 
 def scheduled_trials(oracle) -> int | None:
