@@ -137,7 +137,7 @@ class ClientOptions:
     client_certificate: str | None = None  # PEM, for mutual TLS
     client_key: str | None = None
     labels: tuple[str, ...] | None = None  # class names, if the model has no string output
-    convert_unsupported: bool = True  # re-encode WebP/TIFF/... as PNG before sending
+    convert_unsupported: bool = True  # send EXIF-rotated JPEGs upright, WebP/TIFF/... as PNG (see to_decodable)
 
 
 def _read_pem(path: str | None) -> bytes | None:
@@ -161,27 +161,36 @@ def _text(value) -> str:
 _DECODABLE = (b"\xff\xd8\xff", b"\x89PNG", b"GIF87a", b"GIF89a", b"BM")  # what the serving graph decodes
 
 
-def to_decodable(data: bytes) -> bytes:
-    """``data`` unchanged if it is JPEG/PNG/GIF/BMP, else (WebP, TIFF...) re-encoded losslessly as PNG.
+_EXIF_ORIENTATION = 0x0112
 
-    The serving graph decodes with ``tf.io.decode_image``, which knows only
-    those four formats; preprocessing reads the others with Pillow, so the
-    client does the same before sending. Undecodable bytes are sent as they are
-    and the server answers INVALID_ARGUMENT.
+
+def to_decodable(data: bytes) -> bytes:
+    """``data`` as the serving graph should see it, as preprocessing saw the training images.
+
+    Unchanged if it is a JPEG/PNG/GIF/BMP without an EXIF rotation. The serving
+    graph decodes with ``tf.io.decode_image``, which knows only those four
+    formats and ignores EXIF orientation; preprocessing reads everything with
+    Pillow and applies the orientation. So a JPEG whose EXIF says "rotated"
+    (most phone photos), and any other format Pillow reads (WebP, TIFF...),
+    is sent upright and re-encoded losslessly as PNG. Undecodable bytes are
+    sent as they are and the server answers INVALID_ARGUMENT.
     """
-    if data.startswith(_DECODABLE):
-        return data
     try:
         import io
 
-        from PIL import Image
+        from PIL import Image, ImageOps
     except ImportError:  # pragma: no cover - Pillow is a project dependency
         return data
+    decodable = data.startswith(_DECODABLE)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+            rotated = image.format == "JPEG" and image.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1)
+            if decodable and not rotated:
+                return data
+            upright = ImageOps.exif_transpose(image)
+            upright = upright.convert("RGBA" if "A" in upright.getbands() else "RGB")
             out = io.BytesIO()
-            image.save(out, format="PNG")
+            upright.save(out, format="PNG")
             return out.getvalue()
     except Exception:  # noqa: BLE001 - not an image Pillow knows either: let the server say so
         return data
