@@ -182,6 +182,9 @@ def run(config: DemoConfig) -> DemoResult:
           "--max-trials", str(config.max_trials), "--epochs", str(config.epochs),
           "--batch-size", str(config.batch_size), "--seed", str(config.seed), *config.extra_train_args])
 
+    from trainer.cli import import_tensorflow_quietly
+
+    import_tensorflow_quietly(verbose=False)  # the client and the export helpers need it in this process
     from trainer.export import latest_version
 
     seconds["trainer"] = time.monotonic() - started

@@ -164,7 +164,7 @@ def _setup_logging(verbose: bool) -> None:
         root.setLevel(logging.WARNING)
 
 
-def _import_tensorflow_quietly(verbose: bool) -> None:
+def import_tensorflow_quietly(verbose: bool) -> None:
     """Import TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) hidden unless ``--verbose``.
 
     Those lines are written before ``TF_CPP_MIN_LOG_LEVEL`` takes effect and
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     _setup_logging(args.verbose)
     try:
         config = config_from_args(args)
-        _import_tensorflow_quietly(args.verbose)
+        import_tensorflow_quietly(args.verbose)
         import tensorflow as tf
 
         tf.get_logger().setLevel(logging.ERROR)

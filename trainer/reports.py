@@ -129,7 +129,8 @@ def _previous_elapsed(tuner_dir: str) -> dict[str, float]:
         return {}
 
 
-def write_trials_table(oracle, tuner_dir: str, *, elapsed_s: Mapping[str, float] | None = None) -> tuple[str, str]:
+def write_trials_table(oracle, tuner_dir: str, *, elapsed_s: Mapping[str, float] | None = None,
+                       announce: bool = True) -> tuple[str, str]:
     """Write ``tuner_dir/trials.csv`` and ``tuner_dir/trials.json``; return their paths.
 
     Every trial the oracle knows (a resumed search included), best first (see
@@ -142,7 +143,8 @@ def write_trials_table(oracle, tuner_dir: str, *, elapsed_s: Mapping[str, float]
     tuner measured: Keras Tuner keeps no trial times when it runs with
     ``verbose=0``); trials missing from it keep the seconds of an earlier
     ``trials.json`` in ``tuner_dir`` (a resumed search), else come from the
-    tuner's own records where it kept them.
+    tuner's own records where it kept them. ``announce``: log the table's
+    summary at INFO (the end of a search) or DEBUG (after each trial).
     """
     import tensorflow as tf
 
@@ -172,7 +174,7 @@ def write_trials_table(oracle, tuner_dir: str, *, elapsed_s: Mapping[str, float]
     with tf.io.gfile.GFile(json_path, "w") as handle:
         handle.write(json.dumps(document, indent=2, default=str) + "\n")
     best = rows[0] if rows and rows[0]["score"] is not None else None
-    log.info("trials table: %d trials (%s), best %s -> %s", len(rows),
+    log.log(logging.INFO if announce else logging.DEBUG, "trials table: %d trials (%s), best %s -> %s", len(rows),
              ", ".join(f"{n} {s.lower()}" for s, n in document["statuses"].items()),
              f"trial {best['trial_id']} {document['objective']}={best['score']:.4f}" if best else "none scored",
              csv_path)

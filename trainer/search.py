@@ -84,7 +84,8 @@ class _ProgressMixin:
             from trainer.reports import write_trials_table
 
             try:
-                write_trials_table(self.oracle, self.project_dir, elapsed_s=self.__dict__["trial_seconds"])
+                write_trials_table(self.oracle, self.project_dir, elapsed_s=self.__dict__["trial_seconds"],
+                                   announce=False)
             except Exception as error:  # noqa: BLE001 - a report must not stop the search
                 log.warning("could not update the trials table in %s: %s", self.project_dir, error)
 
