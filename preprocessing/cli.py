@@ -20,6 +20,7 @@ from typing import Sequence  # noqa: E402
 from preprocessing import tfrecords  # noqa: E402
 from preprocessing.config import DEFAULT_MAX_PIXELS, PreprocessConfig, parse_image_size, parse_split  # noqa: E402
 from preprocessing.errors import PreprocessingError  # noqa: E402
+from preprocessing import worker  # noqa: E402  (its log format, shared with the Beam workers)
 
 EXIT_USER_ERROR = 2
 _DEFAULTS = PreprocessConfig(input="", output="")
@@ -93,8 +94,8 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
+        format=worker.FORMAT,
+        datefmt=worker.DATE_FORMAT,
     )
     logging.getLogger("preprocessing").setLevel(logging.INFO)
     if not verbose:

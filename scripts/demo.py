@@ -136,22 +136,16 @@ def _test_split(data_dir: str) -> list[tuple[str, str, bytes]]:
     import tensorflow as tf
 
     from preprocessing import tfrecords
+    from trainer.cli import stderr_silenced
 
     shards = tfrecords.list_shards(data_dir, "test")
     items = []
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)  # TFRecordDataset's C++ side logs a line about its buffer size on every start
-    try:
+    with stderr_silenced():  # TFRecordDataset's C++ side logs a line about its buffer size on every start
         for record in tf.data.TFRecordDataset(shards):
             parsed = tfrecords.parse_example(record)
             items.append((parsed[tfrecords.SOURCE_ID].numpy().decode("utf-8"),
                           parsed[tfrecords.TEXT].numpy().decode("utf-8"),
                           parsed[tfrecords.ENCODED].numpy()))
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
     return items
 
 

@@ -158,7 +158,8 @@ def _text(value) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-_DECODABLE = (b"\xff\xd8\xff", b"\x89PNG", b"GIF87a", b"GIF89a", b"BM")  # what the serving graph decodes
+_JPEG = b"\xff\xd8\xff"
+_DECODABLE = (_JPEG, b"\x89PNG", b"GIF87a", b"GIF89a", b"BM")  # what the serving graph decodes
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -175,17 +176,18 @@ def to_decodable(data: bytes) -> bytes:
     is sent upright and re-encoded losslessly as PNG. Undecodable bytes are
     sent as they are and the server answers INVALID_ARGUMENT.
     """
+    jpeg = data.startswith(_JPEG)
+    if data.startswith(_DECODABLE) and not jpeg:
+        return data  # PNG, GIF, BMP: no EXIF orientation to apply
     try:
         import io
 
         from PIL import Image, ImageOps
     except ImportError:  # pragma: no cover - Pillow is a project dependency
         return data
-    decodable = data.startswith(_DECODABLE)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            rotated = image.format == "JPEG" and image.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1)
-            if decodable and not rotated:
+            if jpeg and image.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1):
                 return data
             upright = ImageOps.exif_transpose(image)
             upright = upright.convert("RGBA" if "A" in upright.getbands() else "RGB")

@@ -8,6 +8,7 @@ bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -174,14 +175,20 @@ def import_tensorflow_quietly(verbose: bool) -> None:
     if verbose or "tensorflow" in sys.modules:
         import tensorflow  # noqa: F401
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
+    with stderr_silenced():
         import tensorflow as tf
 
         tf.config.list_physical_devices("GPU")
+
+
+@contextlib.contextmanager
+def stderr_silenced():
+    """Send file descriptor 2 to /dev/null for the block: C++ log lines bypass Python's ``sys.stderr``."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -60,13 +60,12 @@ class _ProgressMixin:
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
         took = time.perf_counter() - self._trial_started
-        self.__dict__.setdefault("durations", []).append(took)
         self.__dict__.setdefault("trial_seconds", {})[trial.trial_id] = took
         self.__dict__.setdefault("statuses", {})
         number, total = _number(trial), scheduled_trials(self.oracle)
         left = ""
         if total and isinstance(number, int):
-            durations = self.__dict__["durations"]
+            durations = list(self.__dict__["trial_seconds"].values())
             remaining = max(0, total - number)
             left = f"; about {_duration(remaining * sum(durations) / len(durations))} left for {remaining} more"
         status = str(getattr(trial.status, "value", trial.status))
@@ -79,7 +78,7 @@ class _ProgressMixin:
         else:
             log.info("trial %s of %s done in %s: val_accuracy %.4f%s", number, total or "?", _duration(took), score,
                      left)
-        if hasattr(self.oracle, "trials") and type(self.oracle).__name__ != "OracleClient":
+        if _is_local_oracle(self.oracle):
             # Rewritten after every trial, so a long or interrupted search keeps its table and times.
             from trainer.reports import write_trials_table
 
@@ -88,6 +87,11 @@ class _ProgressMixin:
                                    announce=False)
             except Exception as error:  # noqa: BLE001 - a report must not stop the search
                 log.warning("could not update the trials table in %s: %s", self.project_dir, error)
+
+
+def _is_local_oracle(oracle) -> bool:
+    """Whether this process holds the search's trials (not a distributed-tuning worker's gRPC client)."""
+    return hasattr(oracle, "trials") and type(oracle).__name__ != "OracleClient"
 
 
 def scheduled_trials(oracle) -> int | None:
@@ -203,7 +207,7 @@ def run_search(tuner, config: TrainConfig, callbacks: list) -> None:
 
 def trial_counts(tuner) -> dict[str, int]:
     """Trials per status: all of the search's, or, on a distributed-tuning worker, the ones it ran."""
-    if not hasattr(tuner.oracle, "trials") or type(tuner.oracle).__name__ == "OracleClient":
+    if not _is_local_oracle(tuner.oracle):
         return dict(tuner.__dict__.get("statuses", {}))
     counts: dict[str, int] = {}
     for trial in tuner.oracle.trials.values():
