@@ -75,7 +75,13 @@ def augment_dataset(dataset, augmenter):
         return dataset
 
     def _apply(images, labels, *rest):
-        images = tf.clip_by_value(tf.cast(augmenter(images, training=True), tf.float32), 0.0, 255.0)
-        return (images, labels, *rest)
+        return (augment_batch(augmenter, images), labels, *rest)
 
     return dataset.map(_apply, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def augment_batch(augmenter, images):
+    """One random augmentation of a float batch in [0, 255], clipped back to [0, 255] (float32)."""
+    import tensorflow as tf
+
+    return tf.clip_by_value(tf.cast(augmenter(images, training=True), tf.float32), 0.0, 255.0)

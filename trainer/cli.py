@@ -37,14 +37,21 @@ def _image_size(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+def _integer_from(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at least {minimum}")
+        return value
+
+    return parse
+
+
+_positive = _integer_from(1)
+_count = _integer_from(0)
 
 
 def _fraction(text: str) -> float:
@@ -114,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"random contrast factor; 0 is off (default {a.contrast})")
     t.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=d.class_weights,
                    help="weight classes by inverse frequency (default on)")
+    t.add_argument("--finetune-cache", type=_count, default=d.finetune_cache, metavar="VIEWS",
+                    help="fine-tune the search's trials on cached activations of the frozen lower backbone: "
+                         "VIEWS augmented copies of every training image, computed once; several times faster "
+                         "on a CPU, at the price of VIEWS fixed augmentations per image (default 0: off, "
+                         "every step runs the whole backbone on freshly augmented images)")
+    t.add_argument("--finetune-cache-final", action=argparse.BooleanOptionalAction, default=d.finetune_cache_final,
+                    help="retrain the best trial on the cached activations too (default: off, the final model "
+                         "fine-tunes on freshly augmented images)")
     t.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
                    help="float16 compute (default: on when a GPU is present)")
     t.add_argument("--strategy", default="auto", choices=("auto", "default", "mirrored", "multi_worker"),
@@ -138,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         final_epochs=args.final_epochs, batch_size=args.batch_size, seed=args.seed, search_space=args.search_space,
         augment=augment, class_weights=args.class_weights, validation_fraction=args.validation_fraction,
         early_stopping_patience=args.patience, mixed_precision=args.mixed_precision, cache_images=args.cache_images,
+        finetune_cache=args.finetune_cache, finetune_cache_final=args.finetune_cache_final,
         overwrite=args.overwrite, min_accuracy=args.min_accuracy, force=args.force, cache_dir=args.cache_dir,
         export=args.export, strategy=args.strategy)
 

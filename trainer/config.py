@@ -57,6 +57,8 @@ class TrainConfig:
     mixed_precision: bool | None = None
     strategy: str = "auto"
     cache_images: str | None = None
+    finetune_cache: int = 0
+    finetune_cache_final: bool = False
     overwrite: bool = False
     min_accuracy: float = 0.0
     force: bool = False

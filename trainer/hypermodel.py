@@ -127,6 +127,11 @@ def pooling_values(space: dict) -> list:
     return _spec_values(space["pooling"])
 
 
+def max_finetune_depth(space: dict) -> int:
+    """The deepest fine-tune a resolved search space can choose."""
+    return max(int(v) for v in _spec_values(space["finetune_depth"]))
+
+
 def _check(space: dict, num_blocks: int) -> None:
     for value in _spec_values(space["pooling"]):
         if value not in POOLINGS:
@@ -246,12 +251,26 @@ class TrialInputs:
     ``features(split, pooling)`` (pooling ``avg``/``max``: pooled vectors;
     None: feature maps) and ``images(split, augment)`` return fresh tf.data
     datasets of ``(x, labels)``; ``class_weight`` is a dict or None.
+    ``activations(split)``, when given, returns the cached input of the
+    backbone layer ``boundary``, which serves fine-tunes of up to
+    ``max_cached_depth`` blocks.
     """
 
-    def __init__(self, features: Callable, images: Callable, class_weight: dict | None = None):
+    def __init__(self, features: Callable, images: Callable, class_weight: dict | None = None,
+                 activations: Callable | None = None, boundary: str | None = None, max_cached_depth: int = 0):
         self.features = features
         self.images = images
         self.class_weight = class_weight
+        self.activations = activations
+        self.boundary = boundary
+        self.max_cached_depth = max_cached_depth
+
+    def cached_finetune(self, depth: int) -> bool:
+        """Whether a fine-tune of the top ``depth`` blocks reads cached activations (:mod:`trainer.finetune_cache`)."""
+        return self.activations is not None and 0 < depth <= self.max_cached_depth
+
+    def without_activations(self) -> "TrialInputs":
+        return TrialInputs(self.features, self.images, self.class_weight)
 
 
 class TransferHyperModel(kt.HyperModel):
@@ -375,14 +394,14 @@ class TransferHyperModel(kt.HyperModel):
                     result = _best(history.history)
                 if depth > 0:
                     set_finetune_depth(backbone_model, self.backbone, depth)
-                    model.compile(optimizer=self._optimizer(hp, hp.get("finetune_learning_rate")),
-                                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                    trainee, train, validation = self._finetune_data(model, backbone_model, depth)
+                    trainee.compile(optimizer=self._optimizer(hp, hp.get("finetune_learning_rate")),
+                                    loss="sparse_categorical_crossentropy", metrics=["accuracy"])
                     start = len(self.last_history.get("phase1", {}).get("loss", []))
-                    history = model.fit(self.inputs.images("train", augment=True),
-                                        validation_data=self.inputs.images("validation", augment=False),
-                                        initial_epoch=start, epochs=start + budget,
-                                        callbacks=self._callbacks(callbacks + hparams),
-                                        class_weight=self.inputs.class_weight, shuffle=False, verbose=self.verbose)
+                    history = trainee.fit(train, validation_data=validation, initial_epoch=start,
+                                          epochs=start + budget, callbacks=self._callbacks(callbacks + hparams),
+                                          class_weight=self.inputs.class_weight, shuffle=False,
+                                          verbose=self.verbose)
                     self.last_history["phase2"] = _check_history(history.history, "fine-tune")
                     result = _best(history.history)
         except tf.errors.ResourceExhaustedError as error:
@@ -390,6 +409,24 @@ class TransferHyperModel(kt.HyperModel):
         for checkpoint in checkpoints:
             model.save_weights(checkpoint.filepath)
         return result
+
+    def _finetune_data(self, model: keras.Model, backbone_model: keras.Model, depth: int):
+        """The model phase 2 trains and its train and validation data.
+
+        On images: the whole classifier. On cached activations: ``boundary ->
+        upper backbone -> head``, built from the classifier's own layers, so
+        training it trains the classifier.
+        """
+        if not self.inputs.cached_finetune(depth):
+            return (model, self.inputs.images("train", augment=True),
+                    self.inputs.images("validation", augment=False))
+        from trainer.finetune_cache import upper_backbone
+
+        upper = upper_backbone(backbone_model, self.inputs.boundary)
+        activations = keras.Input(shape=tuple(upper.input.shape[1:]), name="activations")
+        trainee = keras.Model(activations, model.get_layer("head")(upper(activations, training=False)),
+                              name="cached_finetune")
+        return trainee, self.inputs.activations("train"), self.inputs.activations("validation")
 
     def _optimizer(self, hp, learning_rate):
         name = hp.get("optimizer")

@@ -129,7 +129,7 @@ def _duration(seconds: float) -> str:
 
 def search_identity(config: TrainConfig, space: dict, image_size, weights_id: str) -> dict:
     """The settings that define a search: a resume must match all of them."""
-    return {
+    identity = {
         "tuner": config.tuner,
         "backbone": config.backbone,
         "weights": weights_id,
@@ -140,6 +140,9 @@ def search_identity(config: TrainConfig, space: dict, image_size, weights_id: st
         "objective": OBJECTIVE.name,
         "data_dir": config.data_dir if "://" in config.data_dir else os.path.abspath(config.data_dir),
     }
+    if config.finetune_cache:
+        identity["finetune_cache"] = config.finetune_cache  # absent when off, so older searches still resume
+    return identity
 
 
 def prepare_project(config: TrainConfig, identity: dict) -> str:

@@ -73,7 +73,7 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
     import keras
     import tensorflow as tf
 
-    from trainer import backbones, bottleneck, data, distribute, hypermodel, search
+    from trainer import backbones, bottleneck, data, distribute, finetune_cache, hypermodel, search
     from trainer.augment import build_augmenter
 
     started = time.perf_counter()
@@ -92,9 +92,11 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
     probe = backbone.build(image_size, weights_path)
     num_blocks = len(backbone.blocks(probe))
     feature_shape = tuple(int(d) for d in probe.output.shape[1:])
+    space = hypermodel.resolve_space(overrides, num_blocks=num_blocks, num_train=info.size("train"))
+    max_depth = hypermodel.max_finetune_depth(space)
+    boundary = finetune_cache.boundary_layer(backbone, probe, max_depth) if config.finetune_cache else None
     del probe
     keras.backend.clear_session()
-    space = hypermodel.resolve_space(overrides, num_blocks=num_blocks, num_train=info.size("train"))
     identity = search.search_identity(config, space, image_size, _weights_id(config.weights, weights_path))
     mode = search.prepare_project(config, identity) if role != "worker" else "worker"
     if placement is None:
@@ -132,12 +134,30 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
         return cache.dataset(split, batch, shuffle=(split == "train"), seed=config.seed, replicas=placement.replicas,
                              pooling=pooling)
 
-    inputs = hypermodel.TrialInputs(features, images, weights)
+    activations, acts_cache = None, None
+    if boundary:
+        acts_cache = finetune_cache.ActivationCache(config.feature_cache_dir, backbone, weights_path, image_size, info,
+                                                    boundary=boundary, views=config.finetune_cache,
+                                                    augment=config.augment, seed=config.seed)
+        log.info("fine-tune cache: %d augmented views of every training image at %s (below the top %d blocks)",
+                 config.finetune_cache, boundary, max_depth)
+
+        def activations(split):
+            return acts_cache.dataset(split, batch, shuffle=(split == "train"), seed=config.seed,
+                                      replicas=placement.replicas)
+    elif config.finetune_cache:
+        log.warning("--finetune-cache: nothing stays frozen below a fine-tune of %d of %d blocks; "
+                    "fine-tuning on images", max_depth, num_blocks)
+
+    inputs = hypermodel.TrialInputs(features, images, weights, activations=activations, boundary=boundary,
+                                    max_cached_depth=max_depth if boundary else 0)
     model_builder = hypermodel.TransferHyperModel(
         backbone, weights_path, image_size, info.num_classes, space, inputs, epochs=config.epochs,
         patience=config.early_stopping_patience, strategy=placement.strategy)
     if role != "chief":
         cache.ensure()
+        if acts_cache is not None:
+            acts_cache.ensure()
     tuner = search.create_tuner(model_builder, config, placement.strategy)
     if placement.workers > 1:
         _check_same_search(tuner, placement, config)
@@ -164,6 +184,8 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
     log.info("best trial %s: val_accuracy %.4f with %s", best.trial_id, best.score, best_values)
 
     cache.ensure()
+    if acts_cache is not None and config.finetune_cache_final:
+        acts_cache.ensure()
     model, history = retrain(model_builder, best.hyperparameters, config)
     if not chief:
         log.info("retrained; waiting for the chief to evaluate, gate and export")
@@ -198,7 +220,13 @@ def retrain(model_builder, hyperparameters, config: TrainConfig):
 
     keras.backend.clear_session()
     epochs = config.final_epochs or config.epochs
-    log.info("retraining the best hyperparameters (%d epochs per phase)", epochs)
+    inputs = model_builder.inputs
+    cached = inputs is not None and inputs.cached_finetune(hyperparameters.get("finetune_depth"))
+    if cached and not config.finetune_cache_final:
+        model_builder.inputs = inputs.without_activations()
+    log.info("retraining the best hyperparameters (%d epochs per phase%s)", epochs,
+             ", fine-tuning on the cached activations" if cached and config.finetune_cache_final
+             else ", fine-tuning on freshly augmented images" if cached else "")
     values = hyperparameters.copy()
     for key in [k for k in values.values if k.startswith("tuner/")]:
         values.values.pop(key)
