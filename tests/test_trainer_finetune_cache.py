@@ -151,3 +151,14 @@ def test_a_fine_tune_on_the_cache_trains_the_classifier_s_own_backbone_layers(tf
     backbone_model = model.get_layer("mobilenetv2_1.00_32")
     assert np.abs(backbone_model.get_layer("Conv_1").get_weights()[0] - top).max() > 1e-6
     np.testing.assert_array_equal(backbone_model.get_layer("Conv1").get_weights()[0], stem)
+
+
+def test_a_search_that_never_fine_tunes_caches_nothing_and_says_so(tfrecord_data, tmp_path, caplog):
+    caplog.set_level("INFO", logger="trainer")
+    job = tmp_path / "job"
+    rc = main(["--data", str(tfrecord_data), "--job-dir", str(job), "--weights", "none", "--image-size", "32",
+               "--epochs", "1", "--tuner", "random", "--max-trials", "1", "--finetune-cache", "2", "--no-export",
+               "--search-space", json.dumps({"finetune_depth": 0})])
+    assert rc == 0
+    assert any("no trial fine-tunes" in r.getMessage() for r in caplog.records)
+    assert not list((job / "cache").glob("*-finetune-*"))

@@ -145,6 +145,8 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
         def activations(split):
             return acts_cache.dataset(split, batch, shuffle=(split == "train"), seed=config.seed,
                                       replicas=placement.replicas)
+    elif config.finetune_cache and max_depth == 0:
+        log.info("--finetune-cache: no trial fine-tunes (finetune_depth is 0), so nothing is cached")
     elif config.finetune_cache:
         log.warning("--finetune-cache: nothing stays frozen below a fine-tune of %d of %d blocks; "
                     "fine-tuning on images", max_depth, num_blocks)
