@@ -86,18 +86,25 @@ def materialize_random_weights(backbone: Backbone, image_size, cache_root: str, 
     return path
 
 
-def build_feature_extractor(backbone: Backbone, weights_path: str | None, image_size):
-    """``image [0, 255] -> preprocessing -> frozen backbone``: the part every trial shares."""
+def build_feature_extractor(backbone: Backbone, weights_path: str | None, image_size, up_to: str | None = None):
+    """``image [0, 255] -> preprocessing -> frozen backbone``: the part every trial shares.
+
+    ``up_to``: stop at the input of that backbone layer instead of the
+    backbone's output (the lower part :mod:`trainer.finetune_cache` caches).
+    """
     import keras
 
     from trainer.hypermodel import BackbonePreprocess
 
     backbone_model = backbone.build(tuple(image_size), weights_path)
     backbone_model.trainable = False
+    if up_to is not None:
+        backbone_model = keras.Model(backbone_model.input, backbone_model.get_layer(up_to).input,
+                                     name=f"{backbone_model.name}_below_{up_to}")
     inputs = keras.Input(shape=(*image_size, 3), name="image")
     x = BackbonePreprocess(backbone.preprocess, name="backbone_preprocess")(inputs)
     outputs = backbone_model(x, training=False)
-    return keras.Model(inputs, outputs, name=f"{backbone.name}_features")
+    return keras.Model(inputs, outputs, name=f"{backbone.name}_features" if up_to is None else backbone_model.name)
 
 
 POOLED = ("avg", "max")

@@ -38,7 +38,7 @@ import time
 import uuid
 
 from trainer.backbones import Backbone
-from trainer.bottleneck import _publish, cache_key
+from trainer.bottleneck import _publish, build_feature_extractor, cache_key
 from trainer.config import AugmentConfig
 from trainer.data import DataInfo, batch_for_replicas, image_dataset
 
@@ -78,17 +78,7 @@ def upper_backbone(backbone_model, boundary: str):
 
 def build_lower_model(backbone: Backbone, weights_path: str | None, image_size, boundary: str):
     """``image [0, 255] -> backbone preprocessing -> frozen backbone up to the boundary``."""
-    import keras
-
-    from trainer.hypermodel import BackbonePreprocess
-
-    backbone_model = backbone.build(tuple(image_size), weights_path)
-    backbone_model.trainable = False
-    lower = keras.Model(backbone_model.input, backbone_model.get_layer(boundary).input,
-                        name=f"{backbone_model.name}_below_{boundary}")
-    inputs = keras.Input(shape=(*image_size, 3), name="image")
-    x = BackbonePreprocess(backbone.preprocess, name="backbone_preprocess")(inputs)
-    return keras.Model(inputs, lower(x, training=False), name=lower.name)
+    return build_feature_extractor(backbone, weights_path, image_size, up_to=boundary)
 
 
 class ActivationCache:
@@ -124,6 +114,10 @@ class ActivationCache:
     def split_path(self, split: str) -> str:
         return os.path.join(self.path, split)
 
+    def views_of(self, split: str) -> int:
+        """Augmented views per image stored for ``split``: ``views`` for train, the clean one otherwise."""
+        return self.views if split == "train" else 1
+
     def _missing(self, split: str) -> bool:
         import tensorflow as tf
 
@@ -141,7 +135,7 @@ class ActivationCache:
         augmenter = build_augmenter(self.augment, self.seed + 7)
         spent = {}
         for split in missing:
-            views = self.views if split == "train" else 1
+            views = self.views_of(split)
             start = time.perf_counter()
             count = self._write(lower, augmenter if split == "train" else None, split, views)
             spent[split] = time.perf_counter() - start
@@ -203,7 +197,7 @@ class ActivationCache:
         """
         import tensorflow as tf
 
-        views = self.views if split == "train" else 1
+        views = self.views_of(split)
         dataset = tf.data.Dataset.load(self.split_path(split))
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(self.info.size(split)))
         if shuffle and views > 1:

@@ -148,8 +148,9 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
     elif config.finetune_cache and max_depth == 0:
         log.info("--finetune-cache: no trial fine-tunes (finetune_depth is 0), so nothing is cached")
     elif config.finetune_cache:
-        log.warning("--finetune-cache: nothing stays frozen below a fine-tune of %d of %d blocks; "
-                    "fine-tuning on images", max_depth, num_blocks)
+        log.warning("--finetune-cache: no single layer input below the top %d of %d blocks to cache (the whole "
+                    "backbone may be unfrozen, or layers above reach below it); fine-tuning on images",
+                    max_depth, num_blocks)
 
     inputs = hypermodel.TrialInputs(features, images, weights, activations=activations, boundary=boundary,
                                     max_cached_depth=max_depth if boundary else 0)
