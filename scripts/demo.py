@@ -233,7 +233,11 @@ def run(config: DemoConfig) -> DemoResult:
     for path, truth, predicted, score in rows:
         mark = "" if truth == predicted else "  <- wrong"
         print(f"{os.path.basename(path)[:width]:<{width}}  {truth:<12} {predicted:<12} {score:.3f}{mark}")
-    print(f"\ngRPC accuracy on the held-out test photos: {correct}/{len(rows)} = {accuracy:.1%}")
+    from trainer.evaluate import accuracy_interval
+
+    low, high = accuracy_interval(correct, len(rows))
+    print(f"\ngRPC accuracy on the held-out test photos: {correct}/{len(rows)} = {accuracy:.1%} "
+          f"(95% interval {low:.1%}-{high:.1%})")
     with open(os.path.join(job_dir, "eval", "metrics.json")) as handle:
         trainer_accuracy = json.load(handle)["accuracy"]
     print(f"gRPC accuracy on the test records the trainer evaluated: {record_accuracy:.1%} "

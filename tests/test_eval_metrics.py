@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.evaluate import metrics_from_probabilities, precision_recall_curve
+from trainer.evaluate import accuracy_interval, metrics_from_probabilities, precision_recall_curve
 
 LABELS = ["cat", "dog", "owl"]
 Y_TRUE = [0, 0, 1, 1, 2, 2, 0]
@@ -106,3 +106,15 @@ def test_pr_curve_starts_at_full_precision_and_ends_at_full_recall():
 def test_probabilities_of_the_wrong_shape_are_refused():
     with pytest.raises(ValueError, match="probabilities must be"):
         metrics_from_probabilities(Y_TRUE, PROBS[:, :2], LABELS)
+
+
+def test_accuracy_interval_is_the_wilson_95_percent_interval():
+    low, high = accuracy_interval(50, 100)
+    assert (round(low, 4), round(high, 4)) == (0.4038, 0.5962)
+    low, high = accuracy_interval(100, 100)
+    assert high == 1.0 and 0.96 < low < 0.97
+
+
+def test_metrics_carry_the_accuracy_interval_around_the_accuracy(metrics):
+    low, high = metrics["accuracy_ci95"]
+    assert low < metrics["accuracy"] < high

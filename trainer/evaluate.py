@@ -78,6 +78,21 @@ def precision_recall_curve(is_positive: np.ndarray, scores: np.ndarray) -> tuple
     return np.r_[1.0, precision], np.r_[0.0, recall], ap
 
 
+def accuracy_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy of ``correct / total`` (95% by default).
+
+    A test split of a few hundred images measures accuracy to about +-3
+    points; this says how far apart two runs (or a run and a target) must be
+    before the difference means anything.
+    """
+    if total <= 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def metrics_from_probabilities(y_true: Sequence[int], probabilities: np.ndarray, labels: Sequence[str],
                                top_k: int = 3) -> dict[str, Any]:
     """Every test metric from true class ids ``[N]`` and softmax outputs ``[N, C]`` (class order = ``labels``).
@@ -85,7 +100,7 @@ def metrics_from_probabilities(y_true: Sequence[int], probabilities: np.ndarray,
     The returned dict is JSON-ready (plain floats, ints, lists) and is what
     ``metrics.json`` holds::
 
-        num_examples, num_classes, labels, accuracy, top_k, top_k_accuracy, loss,
+        num_examples, num_classes, labels, accuracy, accuracy_ci95, top_k, top_k_accuracy, loss,
         per_class: {name: {precision, recall, f1, support, average_precision}},
         macro_avg / weighted_avg: {precision, recall, f1, support},
         macro_average_precision,
@@ -93,6 +108,7 @@ def metrics_from_probabilities(y_true: Sequence[int], probabilities: np.ndarray,
 
     ``top_k`` is capped at the number of classes (the cap is what ``top_k`` records).
     ``loss`` is the mean categorical cross-entropy (probabilities clipped at 1e-7).
+    ``accuracy_ci95`` is the Wilson 95% interval ``[low, high]`` of ``accuracy``.
     """
     labels = [str(label) for label in labels]
     y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
@@ -129,6 +145,7 @@ def metrics_from_probabilities(y_true: Sequence[int], probabilities: np.ndarray,
         "num_classes": num_classes,
         "labels": labels,
         "accuracy": float(np.mean(y_pred == y_true)) if len(y_true) else 0.0,
+        "accuracy_ci95": list(accuracy_interval(int(np.sum(y_pred == y_true)), len(y_true))),
         "top_k": k,
         "top_k_accuracy": top_k_accuracy(y_true, probabilities, k),
         "loss": float(-np.mean(np.log(np.clip(true_probs, 1e-7, 1.0)))) if len(y_true) else 0.0,
@@ -158,11 +175,17 @@ def predict_dataset(model, dataset) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(y_true).astype(np.int64), np.concatenate(probs)
 
 
+def _interval(metrics: Mapping[str, Any]) -> str:
+    low, high = metrics.get("accuracy_ci95") or (float("nan"), float("nan"))
+    return f"{low:.3f}-{high:.3f}"
+
+
 def format_report(metrics: Mapping[str, Any]) -> str:
     """A readable per-class table of a metrics dict (what :func:`evaluate_model` logs)."""
     width = max([len("weighted avg")] + [len(name) for name in metrics["labels"]])
     lines = [
-        f"test: {metrics['num_examples']} examples, accuracy {metrics['accuracy']:.4f}, "
+        f"test: {metrics['num_examples']} examples, accuracy {metrics['accuracy']:.4f} "
+        f"(95% interval {_interval(metrics)}), "
         f"top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}, loss {metrics['loss']:.4f}",
         f"{'':{width}}  precision  recall      f1      AP  support",
     ]

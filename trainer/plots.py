@@ -133,6 +133,7 @@ def plot_training_curves(history: Mapping[str, Mapping[str, Sequence[float]]], p
             ax.set_xlim(0.5, total + 0.5)
             ax.xaxis.get_major_locator().set_params(integer=True)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=9, loc="best")
+            # Away from the phase names along the top and from curves that fall (loss) or rise (accuracy).
+            ax.legend(fontsize=9, loc="upper right" if panel == "loss" else "lower right")
     fig.suptitle(title)
     return _save(fig, path)
