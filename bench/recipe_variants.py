@@ -40,15 +40,13 @@ CHANGES = ("no-class-weights", "plateau", "long-head")
 VIEWS, SEED, BATCH = 4, 0, 32  # what bench.run_clothing --finetune-cache 4 used
 
 
-def _trainer_inputs(job: str, data_dir: str, class_weights: bool):
+def _trainer_inputs(job: str, data_dir: str, class_weights: bool, size: tuple[int, int], best: dict):
     from trainer import backbones, bottleneck, data, finetune_cache, hypermodel
     from trainer.config import AugmentConfig
 
     info = data.inspect_data(data_dir, 0.2)
     backbone = backbones.get_backbone("mobilenet_v2")
-    size = (224, 224)
     probe = backbone.build(size, WEIGHTS)
-    best = json.load(open(os.path.join(job, "best_hyperparameters.json")))["values"]
     boundary = finetune_cache.boundary_layer(backbone, probe, best["finetune_depth"])
     features = bottleneck.FeatureCache(os.path.join(job, "cache"), backbone, WEIGHTS, size, info, keep_maps=False)
     acts = finetune_cache.ActivationCache(os.path.join(job, "cache"), backbone, WEIGHTS, size, info,
@@ -65,13 +63,13 @@ def _trainer_inputs(job: str, data_dir: str, class_weights: bool):
     return info, backbone, best, inputs, len(backbone.blocks(probe))
 
 
-def run_variant(changes: list[str], job: str, data_dir: str, epochs: int) -> dict:
+def run_variant(changes: list[str], job: str, data_dir: str, epochs: int, size: tuple[int, int], best: dict) -> dict:
     import keras
     import keras_tuner as kt
 
     from trainer import hypermodel
 
-    info, backbone, best, inputs, blocks = _trainer_inputs(job, data_dir, "no-class-weights" not in changes)
+    info, backbone, best, inputs, blocks = _trainer_inputs(job, data_dir, "no-class-weights" not in changes, size, best)
     space = hypermodel.resolve_space({k: {"value": v} for k, v in best.items()}, num_blocks=blocks,
                                      num_train=info.size("train"))
 
@@ -80,7 +78,7 @@ def run_variant(changes: list[str], job: str, data_dir: str, epochs: int) -> dic
             extra = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=1)]
             return super()._callbacks(callbacks) + (extra if "plateau" in changes else [])
 
-    model_builder = Variant(backbone, WEIGHTS, (224, 224), info.num_classes, space, inputs, epochs=epochs)
+    model_builder = Variant(backbone, WEIGHTS, size, info.num_classes, space, inputs, epochs=epochs)
     hp = kt.HyperParameters()
     for name, value in best.items():
         hp.Fixed(name, value)
@@ -139,12 +137,19 @@ def main() -> None:
                         help="one change to the shipped recipe (repeat for several)")
     parser.add_argument("--posthoc", action="store_true", help="the no-training variants on the exported model")
     parser.add_argument("--epochs", type=int, default=15, help="most epochs per phase (the run's --final-epochs)")
+    parser.add_argument("--image-size", type=int, default=224, help="the run's --image-size")
+    parser.add_argument("--hyperparameters", default=None, metavar="FILE",
+                        help="a best_hyperparameters.json to retrain (default: the run's own), e.g. the 224 px "
+                             "run's best on a 256 px run's caches")
     args = parser.parse_args()
     job, data_dir = os.path.join(args.workdir, "job"), os.path.join(args.workdir, "data")
     if args.posthoc:
         print("\n".join(posthoc(job, data_dir)))
     else:
-        print(json.dumps(run_variant(sorted(set(args.change)), job, data_dir, args.epochs)))
+        with open(args.hyperparameters or os.path.join(job, "best_hyperparameters.json")) as handle:
+            best = json.load(handle)["values"]
+        size = (args.image_size, args.image_size)
+        print(json.dumps(run_variant(sorted(set(args.change)), job, data_dir, args.epochs, size, best)))
 
 
 if __name__ == "__main__":
