@@ -44,7 +44,7 @@ def test_lower_then_upper_part_is_the_whole_backbone(mobilenet):
     model = backbone.build(SIZE, weights)
     boundary = finetune_cache.boundary_layer(backbone, model, 3)
     images = np.random.default_rng(0).uniform(0, 255, size=(4, *SIZE, 3)).astype("float32")
-    lower = finetune_cache.build_lower_model(backbone, weights, SIZE, boundary)
+    lower = bottleneck.build_feature_extractor(backbone, weights, SIZE, up_to=boundary)
     upper = finetune_cache.upper_backbone(model, boundary)
     whole = bottleneck.build_feature_extractor(backbone, weights, SIZE)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(upper(lower(images))),
@@ -56,7 +56,7 @@ def test_validation_activations_are_the_clean_lower_output(tfrecord_data, tmp_pa
     cache, _ = _cache(tmp_path, mobilenet, info)
     assert set(cache.ensure()) == {"train", "validation"}
     cached = np.concatenate([x.numpy() for x, _ in cache.dataset("validation", 4)])
-    lower = finetune_cache.build_lower_model(*mobilenet, SIZE, cache.boundary)
+    lower = bottleneck.build_feature_extractor(*mobilenet, SIZE, up_to=cache.boundary)
     direct = np.concatenate([keras.ops.convert_to_numpy(lower(x)) for x, _ in
                              data.image_dataset(info, "validation", SIZE, 4)])
     assert cached.dtype == np.float32 and cached.shape == direct.shape

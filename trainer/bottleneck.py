@@ -34,6 +34,8 @@ from trainer.data import DataInfo, batch_for_replicas, image_dataset
 
 log = logging.getLogger("trainer.bottleneck")
 
+DONE = "DONE"  # the marker file of a complete saved dataset
+
 
 def _file_digest(path: str) -> str:
     import tensorflow as tf
@@ -141,7 +143,7 @@ class FeatureCache:
 
         if not tf.io.gfile.exists(self.pooled_path(split)):
             return True
-        return self.keep_maps and not tf.io.gfile.exists(os.path.join(self.split_path(split), "DONE"))
+        return self.keep_maps and not is_saved(self.split_path(split))
 
     def ensure(self, splits=("train", "validation")) -> dict[str, float]:
         """Compute the features of ``splits`` that are not cached yet; return seconds spent per split."""
@@ -183,11 +185,8 @@ class FeatureCache:
         if self.keep_maps:
             signature = (tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int32))
             dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
-            tmp = f"{self.split_path(split)}.tmp-{uuid.uuid4().hex}"
-            dataset.save(tmp)
-            with tf.io.gfile.GFile(os.path.join(tmp, "DONE"), "w") as handle:
-                handle.write(json.dumps({"count": sum(len(b) for b in pooled["labels"]), "shape": list(shape)}))
-            _publish(tmp, self.split_path(split))
+            save_dataset(dataset, self.split_path(split),
+                         lambda: {"count": sum(len(b) for b in pooled["labels"]), "shape": list(shape)})
         else:
             for _ in batches():
                 pass
@@ -233,6 +232,28 @@ class FeatureCache:
                                       reshuffle_each_iteration=True)
         dataset = batch_for_replicas(dataset, batch_size, self.info.size(split), replicas, train=shuffle)
         return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def save_dataset(dataset, path: str, summary) -> None:
+    """``dataset.save`` into a temporary sibling of ``path``, then a DONE marker holding ``summary()``, then publish.
+
+    ``summary`` is called after the save, so it may report what the save
+    consumed (a generator's count). Readers check :func:`is_saved`.
+    """
+    import tensorflow as tf
+
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    dataset.save(tmp)
+    with tf.io.gfile.GFile(os.path.join(tmp, DONE), "w") as handle:
+        handle.write(json.dumps(summary()))
+    _publish(tmp, path)
+
+
+def is_saved(path: str) -> bool:
+    """Whether :func:`save_dataset` published a complete dataset at ``path``."""
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(os.path.join(path, DONE))
 
 
 def _publish(tmp: str, final: str) -> None:

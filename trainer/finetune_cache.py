@@ -35,16 +35,14 @@ import json
 import logging
 import os
 import time
-import uuid
 
 from trainer.backbones import Backbone
-from trainer.bottleneck import _publish, build_feature_extractor, cache_key
+from trainer.bottleneck import build_feature_extractor, cache_key, is_saved, save_dataset
 from trainer.config import AugmentConfig
 from trainer.data import DataInfo, batch_for_replicas, image_dataset
 
 log = logging.getLogger("trainer.finetune_cache")
 
-DONE = "DONE"
 PROGRESS_EVERY_S = 60.0
 
 
@@ -74,11 +72,6 @@ def upper_backbone(backbone_model, boundary: str):
 
     return keras.Model(backbone_model.get_layer(boundary).input, backbone_model.output,
                        name=f"{backbone_model.name}_above_{boundary}")
-
-
-def build_lower_model(backbone: Backbone, weights_path: str | None, image_size, boundary: str):
-    """``image [0, 255] -> backbone preprocessing -> frozen backbone up to the boundary``."""
-    return build_feature_extractor(backbone, weights_path, image_size, up_to=boundary)
 
 
 class ActivationCache:
@@ -119,9 +112,7 @@ class ActivationCache:
         return self.views if split == "train" else 1
 
     def _missing(self, split: str) -> bool:
-        import tensorflow as tf
-
-        return not tf.io.gfile.exists(os.path.join(self.split_path(split), DONE))
+        return not is_saved(self.split_path(split))
 
     def ensure(self, splits=("train", "validation")) -> dict[str, float]:
         """Compute the splits that are not cached yet; return seconds spent per split."""
@@ -131,7 +122,7 @@ class ActivationCache:
             return {}
         from trainer.augment import build_augmenter
 
-        lower = build_lower_model(self.backbone, self.weights_path, self.image_size, self.boundary)
+        lower = build_feature_extractor(self.backbone, self.weights_path, self.image_size, up_to=self.boundary)
         augmenter = build_augmenter(self.augment, self.seed + 7)
         spent = {}
         for split in missing:
@@ -180,12 +171,8 @@ class ActivationCache:
 
         signature = (tf.TensorSpec((None, views, *shape), dtype), tf.TensorSpec((None,), tf.int32))
         dataset = tf.data.Dataset.from_generator(elements, output_signature=signature).unbatch()
-        tmp = f"{self.split_path(split)}.tmp-{uuid.uuid4().hex}"
-        dataset.save(tmp)
-        with tf.io.gfile.GFile(os.path.join(tmp, DONE), "w") as handle:
-            handle.write(json.dumps({"count": total, "views": views, "shape": list(shape),
-                                     "boundary": self.boundary}))
-        _publish(tmp, self.split_path(split))
+        save_dataset(dataset, self.split_path(split),
+                     lambda: {"count": total, "views": views, "shape": list(shape), "boundary": self.boundary})
         return total
 
     def dataset(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, replicas: int = 1):
