@@ -136,7 +136,7 @@ def _test_split(data_dir: str) -> list[tuple[str, str, bytes]]:
     import tensorflow as tf
 
     from preprocessing import tfrecords
-    from trainer.cli import stderr_silenced
+    from trainer.quiet import stderr_silenced
 
     shards = tfrecords.list_shards(data_dir, "test")
     items = []
@@ -184,7 +184,7 @@ def run(config: DemoConfig) -> DemoResult:
           "--max-trials", str(config.max_trials), "--epochs", str(config.epochs),
           "--batch-size", str(config.batch_size), "--seed", str(config.seed), *config.extra_train_args])
 
-    from trainer.cli import import_tensorflow_quietly
+    from trainer.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly(verbose=False)  # the client and the export helpers need it in this process
     from trainer.export import latest_version

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import keras
 import numpy as np
@@ -108,13 +109,13 @@ def test_the_cache_is_reused_and_changes_with_views_and_augmentation(tfrecord_da
     assert _cache(tmp_path, mobilenet, info, views=2, augment=AugmentConfig(zoom=0.2))[0].path != first.path
 
 
-def test_a_search_fine_tunes_on_the_cache_and_the_final_model_on_images(tfrecord_data, tmp_path, caplog):
+def test_a_search_fine_tunes_on_the_cache_the_final_model_on_images_and_a_rerun_builds_no_cache(tfrecord_data, tmp_path, caplog):
     caplog.set_level("INFO", logger="trainer")
     job = tmp_path / "job"
-    rc = main(["--data", str(tfrecord_data), "--job-dir", str(job), "--weights", "none", "--image-size", "32",
-               "--epochs", "2", "--tuner", "random", "--max-trials", "2", "--finetune-cache", "2",
-               "--search-space", json.dumps({"finetune_depth": [1, 2], "dense_layers": 0})])
-    assert rc == 0
+    args = ["--data", str(tfrecord_data), "--job-dir", str(job), "--weights", "none", "--image-size", "32",
+            "--epochs", "2", "--tuner", "random", "--max-trials", "2", "--finetune-cache", "2",
+            "--search-space", json.dumps({"finetune_depth": [1, 2], "dense_layers": 0})]
+    assert main(args) == 0
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("fine-tune cache: train, ") for m in messages) == 1
     assert any("fine-tuning on freshly augmented images" in m for m in messages)
@@ -122,6 +123,10 @@ def test_a_search_fine_tunes_on_the_cache_and_the_final_model_on_images(tfrecord
     summary = json.loads((job / "summary.json").read_text())
     assert summary["best_hyperparameters"]["finetune_depth"] in (1, 2)
     assert (job / "export" / str(summary["export_version"]) / "saved_model.pb").exists()
+
+    shutil.rmtree(next((job / "cache").glob("*-finetune-*")))
+    assert main([*args, "--no-export"]) == 0
+    assert not list((job / "cache").glob("*-finetune-*")), "a finished search must not rebuild the activation cache"
 
 
 def test_a_fine_tune_on_the_cache_trains_the_classifier_s_own_backbone_layers(tfrecord_data, tmp_path, mobilenet):

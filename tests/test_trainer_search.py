@@ -104,6 +104,7 @@ def test_rerunning_the_same_command_resumes_without_new_trials(searched_job, tfr
                "--search-space", SPACE, "--no-export", *QUICK])
     assert rc == 0
     assert "resuming the previous search" in caplog.text
+    assert "has run all its trials" in caplog.text
     assert len(_statuses(searched_job)) == 2
 
 

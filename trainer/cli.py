@@ -8,12 +8,12 @@ bad input.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
 
 from trainer.config import DEFAULT_MAX_TRIALS, TUNERS, AugmentConfig, TrainConfig, UserError
+from trainer.quiet import import_tensorflow_quietly
 
 PROG = "tlp-train"
 
@@ -179,36 +179,6 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("trainer").setLevel(logging.DEBUG if verbose else logging.INFO)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.WARNING)
-
-
-def import_tensorflow_quietly(verbose: bool) -> None:
-    """Import TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) hidden unless ``--verbose``.
-
-    Those lines are written before ``TF_CPP_MIN_LOG_LEVEL`` takes effect and
-    would bury a one-line error; ``--verbose`` shows them (useful on a GPU
-    machine whose CUDA libraries do not load).
-    """
-    if verbose or "tensorflow" in sys.modules:
-        import tensorflow  # noqa: F401
-        return
-    with stderr_silenced():
-        import tensorflow as tf
-
-        tf.config.list_physical_devices("GPU")
-
-
-@contextlib.contextmanager
-def stderr_silenced():
-    """Send file descriptor 2 to /dev/null for the block: C++ log lines bypass Python's ``sys.stderr``."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def main(argv=None) -> int:

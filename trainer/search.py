@@ -107,6 +107,22 @@ def scheduled_trials(oracle) -> int | None:
     return iterations * per_iteration
 
 
+def is_complete(tuner) -> bool:
+    """Whether a reloaded search has nothing left to run: every scheduled trial exists and has ended.
+
+    False when it cannot tell (a distributed-tuning worker, a schedule it cannot
+    compute), so callers that prepare for trials err on the side of preparing.
+    """
+    oracle = tuner.oracle
+    if not _is_local_oracle(oracle):
+        return False
+    planned = scheduled_trials(oracle)
+    trials = list(oracle.trials.values())
+    ended = {"COMPLETED", "FAILED", "INVALID"}
+    return bool(planned) and len(trials) >= planned and all(
+        str(getattr(t.status, "value", t.status)) in ended for t in trials)
+
+
 def _number(trial):
     try:
         return int(trial.trial_id) + 1

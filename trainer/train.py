@@ -157,13 +157,16 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
     model_builder = hypermodel.TransferHyperModel(
         backbone, weights_path, image_size, info.num_classes, space, inputs, epochs=config.epochs,
         patience=config.early_stopping_patience, strategy=placement.strategy)
-    if role != "chief":
-        cache.ensure()
-        if acts_cache is not None:
-            acts_cache.ensure()
     tuner = search.create_tuner(model_builder, config, placement.strategy)
     if placement.workers > 1:
         _check_same_search(tuner, placement, config)
+    complete = mode == "resume" and search.is_complete(tuner)
+    if complete:
+        log.info("the resumed search has run all its trials: on to the final fit (caches built only as it needs them)")
+    elif role != "chief":
+        cache.ensure()
+        if acts_cache is not None:
+            acts_cache.ensure()
     if role != "worker":
         search.record_identity(config, identity)
     search_board = os.path.join(config.tensorboard_dir, "search")
