@@ -116,11 +116,8 @@ def is_complete(tuner) -> bool:
     oracle = tuner.oracle
     if not _is_local_oracle(oracle):
         return False
-    planned = scheduled_trials(oracle)
-    trials = list(oracle.trials.values())
-    ended = {"COMPLETED", "FAILED", "INVALID"}
-    return bool(planned) and len(trials) >= planned and all(
-        str(getattr(t.status, "value", t.status)) in ended for t in trials)
+    planned, counts = scheduled_trials(oracle), trial_counts(tuner)
+    return bool(planned) and sum(counts.values()) >= planned and set(counts) <= {"COMPLETED", "FAILED", "INVALID"}
 
 
 def _number(trial):

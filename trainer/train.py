@@ -210,10 +210,10 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
 
 def _check_same_search(tuner, placement, config: TrainConfig) -> None:
     """Every worker of a multi-worker strategy must run the same trials: refuse when their tuner states differ."""
-    from trainer import distribute
+    from trainer import distribute, search
 
-    trials = list(tuner.oracle.trials.values())
-    state = [len(trials), sum(1 for t in trials if str(getattr(t.status, "value", t.status)) == "COMPLETED")]
+    counts = search.trial_counts(tuner)
+    state = [sum(counts.values()), counts.get("COMPLETED", 0)]
     if not distribute.same_on_all_workers(placement.strategy, state):
         raise UserError(f"--job-dir {config.job_dir}: the workers hold different searches ({state[0]} trials here); "
                         "a multi-worker search cannot resume (the other workers start from empty scratch "
