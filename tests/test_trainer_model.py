@@ -90,6 +90,22 @@ def test_the_built_model_takes_0_255_pixels_and_returns_a_float32_softmax_even_i
     np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-3)
 
 
+def test_creating_a_tuner_declares_every_conditional_hyperparameter_without_building_a_backbone(tmp_path):
+    from trainer import search
+    from trainer.config import TrainConfig
+
+    space = hypermodel.resolve_space({"dense_layers": [0, 1, 2], "optimizer": ["adam", "sgd"],
+                                      "finetune_depth": [0, 1]}, num_blocks=18, num_train=30)
+    model_builder = _hypermodel(space=space)
+    builds = []
+    model_builder.build_backbone = lambda: builds.append(1)
+    tuner = search.create_tuner(model_builder, TrainConfig(data_dir=str(tmp_path), job_dir=str(tmp_path),
+                                                           tuner="random", max_trials=1))
+    declared = {hp.name for hp in tuner.oracle.get_space().space}
+    assert {"dense_units_1", "dense_units_2", "momentum", "finetune_learning_rate"} <= declared
+    assert builds == []
+
+
 def test_the_model_has_no_augmentation_layers():
     model = _hypermodel().build(kt.HyperParameters())
     names = [type(layer).__name__ for layer in model._flatten_layers()]

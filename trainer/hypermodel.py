@@ -21,6 +21,7 @@ trial whose loss becomes NaN, or that runs out of memory, raises
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -291,6 +292,7 @@ class TransferHyperModel(kt.HyperModel):
         self.strategy = strategy
         self.verbose = verbose
         self.last_history: dict[str, dict] = {}
+        self._declaring_only = False
 
     # -- building -------------------------------------------------------------------------------
 
@@ -299,13 +301,52 @@ class TransferHyperModel(kt.HyperModel):
         model.trainable = False
         return model
 
-    def build_head(self, hp: kt.HyperParameters, feature_shape) -> keras.Model:
+    def declare_space(self, hp: kt.HyperParameters) -> dict[str, Any]:
+        """Declare every hyperparameter on ``hp``, each under its condition, and return this trial's values.
+
+        The one place the space's structure lives: ``build`` reads its values
+        from here. Keras Tuner finds conditional hyperparameters by calling
+        ``build`` until every condition has been active once; inside
+        :meth:`declaring_only` those calls stop here instead of building a
+        backbone each time (seconds per call, several calls per search).
+        """
         space = self.space
-        pooling = declare(hp, "pooling", space["pooling"])
-        batchnorm = declare(hp, "head_batchnorm", space["head_batchnorm"])
-        dense_layers = declare(hp, "dense_layers", space["dense_layers"])
-        dropout = declare(hp, "dropout", space["dropout"])
-        l2 = declare(hp, "l2", space["l2"])
+        values = {name: declare(hp, name, space[name])
+                  for name in ("pooling", "head_batchnorm", "dense_layers", "dropout", "l2")}
+        for i in (1, 2):
+            allowed = _values_above(space["dense_layers"], i - 1)
+            if not allowed:
+                continue
+            with hp.conditional_scope("dense_layers", allowed):
+                if values["dense_layers"] >= i:
+                    values[f"dense_units_{i}"] = declare(hp, f"dense_units_{i}", space[f"dense_units_{i}"])
+        values["optimizer"] = declare(hp, "optimizer", space["optimizer"])
+        if "sgd" in _spec_values(space["optimizer"]):
+            with hp.conditional_scope("optimizer", ["sgd"]):
+                if values["optimizer"] == "sgd":
+                    values["momentum"] = declare(hp, "momentum", space["momentum"])
+        values["head_learning_rate"] = declare(hp, "head_learning_rate", space["head_learning_rate"])
+        values["finetune_depth"] = declare(hp, "finetune_depth", space["finetune_depth"])
+        deeper = _values_above(space["finetune_depth"], 0)
+        if deeper:
+            with hp.conditional_scope("finetune_depth", deeper):
+                if values["finetune_depth"] > 0:
+                    values["finetune_learning_rate"] = declare(hp, "finetune_learning_rate",
+                                                               space["finetune_learning_rate"])
+        return values
+
+    @contextlib.contextmanager
+    def declaring_only(self):
+        """Within this block ``build(hp)`` declares the space and returns ``None`` (for a tuner's constructor)."""
+        self._declaring_only = True
+        try:
+            yield self
+        finally:
+            self._declaring_only = False
+
+    def build_head(self, values: dict[str, Any], feature_shape) -> keras.Model:
+        """The head on ``feature_shape`` backbone outputs, from :meth:`declare_space`'s values."""
+        pooling, dense_layers, dropout, l2 = (values[k] for k in ("pooling", "dense_layers", "dropout", "l2"))
         regularizer = keras.regularizers.L2(l2) if l2 else None
         features = keras.Input(shape=tuple(feature_shape), name="features")
         if pooling == "avg":
@@ -316,19 +357,13 @@ class TransferHyperModel(kt.HyperModel):
             pooled = keras.layers.Flatten(name="pool")(features)
         top_input = keras.Input(shape=tuple(pooled.shape[1:]), name="pooled")
         x = top_input
-        if batchnorm:
+        if values["head_batchnorm"]:
             x = keras.layers.BatchNormalization(name="head_bn")(x)
-        for i in (1, 2):
-            allowed = _values_above(space["dense_layers"], i - 1)
-            if not allowed:
-                continue
-            with hp.conditional_scope("dense_layers", allowed):
-                if dense_layers >= i:
-                    units = declare(hp, f"dense_units_{i}", space[f"dense_units_{i}"])
-                    x = keras.layers.Dense(units, activation="relu", kernel_regularizer=regularizer,
-                                           name=f"dense_{i}")(x)
-                    if dropout:
-                        x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
+        for i in range(1, dense_layers + 1):
+            x = keras.layers.Dense(values[f"dense_units_{i}"], activation="relu", kernel_regularizer=regularizer,
+                                   name=f"dense_{i}")(x)
+            if dropout:
+                x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
         if dropout and dense_layers == 0:
             x = keras.layers.Dropout(dropout, name="dropout")(x)
         logits = keras.layers.Dense(self.num_classes, kernel_regularizer=regularizer, name="logits")(x)
@@ -336,22 +371,13 @@ class TransferHyperModel(kt.HyperModel):
         top = keras.Model(top_input, outputs, name="head_top")
         return keras.Model(features, top(pooled), name="head")
 
-    def build(self, hp: kt.HyperParameters) -> keras.Model:
+    def build(self, hp: kt.HyperParameters) -> keras.Model | None:
         """The full classifier: float32 ``[None, H, W, 3]`` in [0, 255] -> softmax ``[None, C]`` float32."""
+        values = self.declare_space(hp)
+        if self._declaring_only:
+            return None
         backbone_model = self.build_backbone()
-        head = self.build_head(hp, backbone_model.output.shape[1:])
-        optimizer = declare(hp, "optimizer", self.space["optimizer"])
-        if "sgd" in _spec_values(self.space["optimizer"]):
-            with hp.conditional_scope("optimizer", ["sgd"]):
-                if optimizer == "sgd":
-                    declare(hp, "momentum", self.space["momentum"])
-        declare(hp, "head_learning_rate", self.space["head_learning_rate"])
-        depth = declare(hp, "finetune_depth", self.space["finetune_depth"])
-        deeper = _values_above(self.space["finetune_depth"], 0)
-        if deeper:
-            with hp.conditional_scope("finetune_depth", deeper):
-                if depth > 0:
-                    declare(hp, "finetune_learning_rate", self.space["finetune_learning_rate"])
+        head = self.build_head(values, backbone_model.output.shape[1:])
         inputs = keras.Input(shape=(*self.image_size, 3), name="image")
         x = BackbonePreprocess(self.backbone.preprocess, name="backbone_preprocess")(inputs)
         x = backbone_model(x, training=False)

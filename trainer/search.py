@@ -198,10 +198,11 @@ def create_tuner(hypermodel, config: TrainConfig, strategy=None):
                   overwrite=False, distribution_strategy=strategy,
                   max_consecutive_failed_trials=MAX_CONSECUTIVE_FAILURES)
     try:
-        if config.tuner == "hyperband":
-            tuner = cls(hypermodel, max_epochs=max(2, config.epochs), factor=3, **common)
-        else:
-            tuner = cls(hypermodel, max_trials=config.trial_budget, **common)
+        with hypermodel.declaring_only():  # the constructor's builds only discover the space
+            if config.tuner == "hyperband":
+                tuner = cls(hypermodel, max_epochs=max(2, config.epochs), factor=3, **common)
+            else:
+                tuner = cls(hypermodel, max_trials=config.trial_budget, **common)
     except ImportError as error:
         raise UserError(f"--tuner {config.tuner}: {str(error).splitlines()[0][:200]}") from None
     except (ValueError, TypeError) as error:
