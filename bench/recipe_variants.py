@@ -16,6 +16,9 @@ cores) instead of a whole pipeline (70 minutes):
   probabilities by the weights to the power 0.5 and 1) and averaging with the
   horizontally flipped image (test-time augmentation); on validation, then on
   test.
+* ``--hyperparameters FILE``: retrain other values than the run's best, e.g.
+  a deeper ``finetune_depth``; the activation cache below that depth's
+  boundary is written first when the run has none (minutes).
 
 Usage::
 
@@ -51,9 +54,13 @@ def _trainer_inputs(job: str, data_dir: str, class_weights: bool, size: tuple[in
     features = bottleneck.FeatureCache(os.path.join(job, "cache"), backbone, WEIGHTS, size, info, keep_maps=False)
     acts = finetune_cache.ActivationCache(os.path.join(job, "cache"), backbone, WEIGHTS, size, info,
                                           boundary=boundary, views=VIEWS, augment=AugmentConfig(), seed=SEED)
-    if not (os.path.isdir(features.path) and os.path.isdir(acts.path)):
-        raise SystemExit(f"{job}: no bottleneck or activation cache; run python -m bench.run_clothing "
+    if not os.path.isdir(features.path):
+        raise SystemExit(f"{job}: no bottleneck cache; run python -m bench.run_clothing "
                          f"--finetune-cache {VIEWS} first")
+    if not os.path.isdir(acts.path):
+        print(f"no activation cache below {boundary} (a deeper fine-tune than the run's); writing it to {acts.path}",
+              flush=True)
+        acts.ensure()
     inputs = hypermodel.TrialInputs(
         lambda split, pooling=None: features.dataset(split, BATCH, shuffle=split == "train", seed=SEED,
                                                      pooling=pooling),
