@@ -86,7 +86,8 @@ def resolve_weights(weights: str, backbone: str) -> str:
         return "imagenet"
     except OSError:
         print("demo: no pretrained weights available offline; using --weights none "
-              "(random backbone: expect low accuracy, far from what ImageNet weights give). Pass --weights PATH for real results.", flush=True)
+              "(random backbone: expect low accuracy, far from what ImageNet weights give). "
+              "Pass --weights PATH for real results.", flush=True)
         return "none"
 
 
