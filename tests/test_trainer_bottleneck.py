@@ -68,7 +68,6 @@ def test_pooled_features_are_the_pooled_maps_and_need_no_maps_on_disk(tfrecord_d
 def test_a_random_initialisation_takes_its_batchnorm_statistics_from_training_images(tfrecord_data, tmp_path):
     info = data.inspect_data(str(tfrecord_data))
     backbone = backbones.get_backbone("mobilenet_v2")
-    images, _ = next(iter(data.image_dataset(info, "train", (64, 64), 16)))
 
     def feature_spread(weights):
         extractor = bottleneck.build_feature_extractor(backbone, weights, (64, 64))
@@ -78,7 +77,7 @@ def test_a_random_initialisation_takes_its_batchnorm_statistics_from_training_im
 
     plain = bottleneck.materialize_random_weights(backbone, (64, 64), str(tmp_path), seed=0)
     calibrated = bottleneck.materialize_random_weights(backbone, (64, 64), str(tmp_path), seed=0,
-                                                       calibration_images=images)
+                                                       calibrate_on=info)
     assert calibrated != plain
     assert feature_spread(plain) < 1e-6
     assert feature_spread(calibrated) > 0.05

@@ -73,35 +73,40 @@ def cache_key(backbone: Backbone, weights_path: str | None, image_size, info: Da
     return f"{backbone.name}-{image_size[0]}x{image_size[1]}-{digest}"
 
 
+CALIBRATION_IMAGES = 64
+
+
 def materialize_random_weights(backbone: Backbone, image_size, cache_root: str, seed: int,
-                               calibration_images=None) -> str:
+                               calibrate_on: DataInfo | None = None) -> str:
     """Save a seeded random initialisation (``--weights none``) so features and fine-tuning share it.
 
     A freshly initialised deep backbone in inference mode shrinks its
     activations block by block (MobileNetV2's come out near 1e-10 at 64 px):
     every image then gives the same features and the head can learn nothing.
-    So the batch-norm statistics are set from ``calibration_images`` (float
-    ``[N, H, W, 3]`` in [0, 255], some training images): one forward pass in
-    training mode with momentum 0, after which inference normalises each
-    layer as that batch did and the random features still tell images apart.
+    So the batch-norm statistics are set from the first ``CALIBRATION_IMAGES``
+    training images of ``calibrate_on``, read only when the file is written:
+    one forward pass in training mode with momentum 0, after which inference
+    normalises each layer as that batch did and the random features still
+    tell images apart.
     """
     import keras
     import tensorflow as tf
 
     from trainer.hypermodel import BackbonePreprocess
 
-    suffix = "" if calibration_images is None else f"-calibrated-{image_size[0]}x{image_size[1]}"
+    suffix = "" if calibrate_on is None else f"-calibrated-{image_size[0]}x{image_size[1]}"
     path = os.path.join(cache_root, f"{backbone.name}-random-seed{seed}{suffix}.weights.h5")
     if not tf.io.gfile.exists(path):
         tf.io.gfile.makedirs(cache_root)
         keras.utils.set_random_seed(seed)
         model = backbone.build(tuple(image_size), None)
-        if calibration_images is not None:
+        if calibrate_on is not None:
+            images, _ = next(iter(image_dataset(calibrate_on, "train", tuple(image_size), CALIBRATION_IMAGES)))
             norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
             momenta = [layer.momentum for layer in norms]
             for layer in norms:
                 layer.momentum = 0.0
-            model(BackbonePreprocess(backbone.preprocess)(calibration_images), training=True)
+            model(BackbonePreprocess(backbone.preprocess)(images), training=True)
             for layer, momentum in zip(norms, momenta):
                 layer.momentum = momentum
         tmp = f"{path}.{uuid.uuid4().hex}.weights.h5"

@@ -87,9 +87,8 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
     weights_path = backbones.resolve_weights(config.weights, backbone)
     random_init = weights_path is None
     if random_init:
-        calibration, _ = next(iter(data.image_dataset(info, "train", image_size, 64)))
         weights_path = bottleneck.materialize_random_weights(backbone, image_size, config.feature_cache_dir,
-                                                             config.seed, calibration_images=calibration)
+                                                             config.seed, calibrate_on=info)
     probe = backbone.build(image_size, weights_path)
     num_blocks = len(backbone.blocks(probe))
     feature_shape = tuple(int(d) for d in probe.output.shape[1:])
@@ -106,8 +105,8 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
     log.info("data %s: %d classes; %s", config.data_dir, info.num_classes, data.describe_counts(info))
     log.info("running on %s; mixed precision %s", placement.description, "on" if placement.mixed_precision else "off")
     if random_init:
-        log.info("--weights none: a seeded random initialisation, batch-norm statistics from up to 64 training "
-                 "images (%s)", weights_path)
+        log.info("--weights none: a seeded random initialisation, batch-norm statistics from up to %d training "
+                 "images (%s)", bottleneck.CALIBRATION_IMAGES, weights_path)
     log.info("backbone %s at %dx%d: %d blocks, features %s", backbone.name, image_size[0], image_size[1],
              num_blocks, "x".join(map(str, feature_shape)))
     budget = f"up to {config.trial_budget} trials" if config.trial_budget else "trials as Hyperband schedules them"
