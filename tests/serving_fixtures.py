@@ -70,6 +70,22 @@ def split_images(tfrecord_data) -> dict[str, list[bytes]]:
     return {split: read_split(tfrecord_data, split)[0] for split in ("train", "validation", "test")}
 
 
+def float16_ops(version_dir: pathlib.Path) -> list[str]:
+    """Names of the SavedModel's ops (graph and function library) with a float16 type attribute."""
+    from tensorflow.core.framework import types_pb2
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((pathlib.Path(version_dir) / "saved_model.pb").read_bytes())
+    graph = proto.meta_graphs[0].graph_def
+    nodes = list(graph.node) + [node for function in graph.library.function for node in function.node_def]
+
+    def half(attr) -> bool:
+        return attr.type == types_pb2.DT_HALF or types_pb2.DT_HALF in attr.list.type
+
+    return sorted({node.op for node in nodes if any(half(a) for a in node.attr.values())})
+
+
 def export_tiny(model, labels, base: pathlib.Path, images: list[bytes], **kwargs):
     from trainer.export import export_model
 

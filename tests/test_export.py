@@ -155,3 +155,22 @@ def test_a_version_folder_is_complete_from_the_moment_it_appears(tiny_model, spl
     assert "1" in os.listdir(tmp_path)
     assert any(name.startswith(".tmp-") for name in seen_names), "the export should stage in a hidden folder"
     assert [n for n in os.listdir(tmp_path) if not n.isdigit()] == []
+
+
+def test_a_mixed_float16_model_exports_float16_ops_which_the_float32_check_would_catch(tiny_model, split_images,
+                                                                                        tmp_path):
+    """The detector behind the mixed-precision export test (test_trainer_distributed.py) sees float16 compute."""
+    import keras
+    from serving_fixtures import float16_ops
+
+    _, labels = tiny_model
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = keras.Sequential([keras.Input((*IMAGE_SIZE, 3)), keras.layers.Conv2D(4, 3),
+                                  keras.layers.GlobalAveragePooling2D(),
+                                  keras.layers.Dense(len(labels), activation="softmax", dtype="float32")])
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    result = export_tiny(model, labels, tmp_path, split_images["test"][:2], tolerance=1e-2)
+    assert "Conv2D" in float16_ops(tmp_path / str(result.version))

@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import pytest
+from serving_fixtures import float16_ops
 
 QUICK = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--no-export"]
 
@@ -62,6 +63,11 @@ def test_a_mirrored_mixed_precision_search_on_two_logical_cpus(tfrecord_data, tm
     images, _ = data.encoded_examples(data.inspect_data(str(tfrecord_data)), "test")
     probabilities = load_predict_fn(str(tmp_path / "export" / "1"))(images)["probabilities"]
     assert probabilities.dtype.name == "float32" and probabilities.shape == (len(images), 3)
+    # Trained in mixed_float16, exported in float32 (--export-precision's default): no float16 op in the
+    # graph, and the export's own check held the SavedModel to the Keras model it was built from.
+    assert "computes in float32 (trained in mixed_float16)" in result.stderr
+    assert float16_ops(tmp_path / "export" / "1") == []
+    assert json.loads((tmp_path / "summary.json").read_text())["export_version"] == 1
 
 
 def test_a_chief_and_two_workers_complete_one_search(tfrecord_data, tmp_path, repo_root):

@@ -64,6 +64,7 @@ class TrainConfig:
     force: bool = False
     cache_dir: str | None = None
     export: bool = True
+    export_precision: str = "float32"  # float32 | float16 (keep the training's mixed_float16 compute)
     top_k: int = 3
 
     @property

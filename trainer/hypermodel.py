@@ -279,7 +279,8 @@ class TransferHyperModel(kt.HyperModel):
 
     def __init__(self, backbone: Backbone, weights_path: str | None, image_size: tuple[int, int],
                  num_classes: int, space: dict[str, dict], inputs: TrialInputs | None = None, *,
-                 epochs: int = 10, patience: int = 3, strategy=None, verbose: int = 0):
+                 epochs: int = 10, patience: int = 3, strategy=None, precision: str = "float32",
+                 verbose: int = 0):
         super().__init__(name=f"transfer_{backbone.name}", tunable=True)
         self.backbone = backbone
         self.weights_path = weights_path
@@ -290,6 +291,7 @@ class TransferHyperModel(kt.HyperModel):
         self.epochs = epochs
         self.patience = patience
         self.strategy = strategy
+        self.precision = precision
         self.verbose = verbose
         self.last_history: dict[str, dict] = {}
         self._declaring_only = False
@@ -372,10 +374,16 @@ class TransferHyperModel(kt.HyperModel):
         return keras.Model(features, top(pooled), name="head")
 
     def build(self, hp: kt.HyperParameters) -> keras.Model | None:
-        """The full classifier: float32 ``[None, H, W, 3]`` in [0, 255] -> softmax ``[None, C]`` float32."""
+        """The full classifier: float32 ``[None, H, W, 3]`` in [0, 255] -> softmax ``[None, C]`` float32.
+
+        Layers compute in ``self.precision``. It is set here, at every build,
+        because ``keras.backend.clear_session()`` (which Keras Tuner calls
+        before each trial's build) resets the global policy to float32.
+        """
         values = self.declare_space(hp)
         if self._declaring_only:
             return None
+        keras.mixed_precision.set_global_policy(self.precision)
         backbone_model = self.build_backbone()
         head = self.build_head(values, backbone_model.output.shape[1:])
         inputs = keras.Input(shape=(*self.image_size, 3), name="image")

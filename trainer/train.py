@@ -104,6 +104,9 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
 
     log.info("data %s: %d classes; %s", config.data_dir, info.num_classes, data.describe_counts(info))
     log.info("running on %s; mixed precision %s", placement.description, "on" if placement.mixed_precision else "off")
+    if config.export and config.export_precision == "float16" and not placement.mixed_precision:
+        raise UserError("--export-precision float16 keeps the training's mixed_float16 compute; "
+                        "it needs --mixed-precision")
     if random_init:
         log.info("--weights none: a seeded random initialisation, batch-norm statistics from up to %d training "
                  "images (%s)", bottleneck.CALIBRATION_IMAGES, weights_path)
@@ -157,7 +160,8 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
                                     max_cached_depth=max_depth if boundary else 0)
     model_builder = hypermodel.TransferHyperModel(
         backbone, weights_path, image_size, info.num_classes, space, inputs, epochs=config.epochs,
-        patience=config.early_stopping_patience, strategy=placement.strategy)
+        patience=config.early_stopping_patience, strategy=placement.strategy,
+        precision="mixed_float16" if placement.mixed_precision else "float32")
     tuner = search.create_tuner(model_builder, config, placement.strategy)
     if placement.workers > 1:
         _check_same_search(tuner, placement, config)
@@ -243,12 +247,34 @@ def retrain(model_builder, hyperparameters, config: TrainConfig):
         model = model_builder.build(values)
     board = keras.callbacks.TensorBoard(log_dir=os.path.join(config.tensorboard_dir, "final"))
     model_builder.fit(values, model, epochs=epochs, callbacks=[board])
-    if model_builder.strategy is not None:
-        # Evaluation and export get a plain copy: Keras's predict on a distributed model pads uneven batches.
-        plain = model_builder.build(values)
-        plain.set_weights(model.get_weights())
-        model = plain
+    precision = model_builder.precision if config.export_precision == "float16" else "float32"
+    if model_builder.strategy is not None or precision != model_builder.precision:
+        model = _inference_copy(model_builder, values, model, precision)
     return model, dict(model_builder.last_history)
+
+
+def _inference_copy(model_builder, values, model, precision: str):
+    """The same classifier rebuilt outside any strategy under ``precision``, with ``model``'s weights.
+
+    Evaluation and export get a plain copy because Keras's predict on a
+    distributed model pads uneven batches, and a float32 one because a
+    ``mixed_float16`` graph runs its convolutions in float16, which TF
+    Serving's CPU image computes slowly. Mixed precision keeps the variables
+    in float32, so the weights copy over unchanged.
+    """
+    import keras
+
+    training = model_builder.precision
+    model_builder.precision = precision
+    try:
+        plain = model_builder.build(values)
+    finally:
+        model_builder.precision = training
+        keras.mixed_precision.set_global_policy(training)
+    plain.set_weights(model.get_weights())
+    if precision != training:
+        log.info("the evaluated and exported model computes in %s (trained in %s)", precision, training)
+    return plain
 
 
 def _trials_table(tuner, config: TrainConfig) -> None:
