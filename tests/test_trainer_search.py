@@ -123,6 +123,39 @@ def test_a_changed_tuner_is_refused(searched_job, tfrecord_data, capsys):
     assert "tuner" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, differences", [
+    (["--batch-size", "8"], ["batch_size 16 -> 8"]),
+    (["--no-augment", "--patience", "5"], ["augment {", "early_stopping_patience 3 -> 5"]),
+    (["--validation-fraction", "0.3", "--no-class-weights"], ["class_weights true -> false",
+                                                              "validation_fraction 0.2 -> 0.3"]),
+])
+def test_a_change_of_any_setting_that_alters_trials_is_refused_naming_old_and_new(
+        searched_job, tfrecord_data, capsys, flags, differences):
+    """Issue: re-running a finished search with --batch-size 16 or --no-augment resumed silently."""
+    args = ["--data", str(tfrecord_data), "--job-dir", str(searched_job), "--tuner", "random", "--max-trials", "2",
+            "--search-space", SPACE, *QUICK]
+    rc = main([*args, *flags])  # the last --batch-size wins
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--overwrite" in err
+    for difference in differences:
+        assert difference in err
+
+
+def test_the_data_digest_changes_when_the_data_folder_is_preprocessed_again(tfrecord_data, tmp_path):
+    import shutil
+
+    from trainer.search import data_digest
+
+    copy = tmp_path / "data"
+    shutil.copytree(tfrecord_data, copy)
+    before = data_digest(str(copy))
+    assert before == data_digest(str(tfrecord_data))
+    stats = json.loads((copy / "stats.json").read_text())
+    stats["preprocessed_again"] = True
+    (copy / "stats.json").write_text(json.dumps(stats))
+    assert data_digest(str(copy)) != before
+
+
 def test_overwrite_starts_the_search_afresh(tfrecord_data, tmp_path, caplog):
     caplog.set_level("INFO", logger="trainer")
     args = ["--data", str(tfrecord_data), "--job-dir", str(tmp_path), "--tuner", "random", "--no-export", *QUICK]

@@ -99,6 +99,13 @@ def writes_shared_outputs(strategy: str = "auto") -> bool:
     return not multi_worker(strategy) or is_chief()
 
 
+def uses_mixed_precision(mixed_precision: bool | None = None) -> bool:
+    """``--mixed-precision`` resolved: as asked, else on exactly when a GPU is present."""
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU")) if mixed_precision is None else bool(mixed_precision)
+
+
 def configure(strategy: str = "auto", mixed_precision: bool | None = None) -> Placement:
     """Create the strategy (before any other TensorFlow op) and set the precision policy."""
     import keras
@@ -123,7 +130,7 @@ def configure(strategy: str = "auto", mixed_precision: bool | None = None) -> Pl
             chosen = None
             description = f"one device ({'GPU' if gpus else 'CPU'})"
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
-    use_mixed = has_gpu if mixed_precision is None else bool(mixed_precision)
+    use_mixed = uses_mixed_precision(mixed_precision)
     keras.mixed_precision.set_global_policy("mixed_float16" if use_mixed else "float32")
     if use_mixed and not has_gpu:
         log.warning("mixed precision on a CPU is slow; it is meant for GPUs")

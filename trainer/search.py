@@ -15,6 +15,7 @@ is released between trials by Keras Tuner (``clear_session`` + ``gc``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -140,8 +141,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
-def search_identity(config: TrainConfig, space: dict, image_size, weights_id: str) -> dict:
-    """The settings that define a search: a resume must match all of them."""
+# Settings that change what a trial measures; every other flag may change on resume (docs/trainer.md).
+def search_identity(config: TrainConfig, space: dict, image_size, weights_id: str, *,
+                    mixed_precision: bool = False) -> dict:
+    """The settings that define a search: a resume must match all of them.
+
+    Everything that changes a trial's score is here, the data folder's digest
+    included, so a resumed search never ranks trials trained differently.
+    ``--max-trials``, the final fit (``--final-epochs``, ``--finetune-cache-final``),
+    caching locations, verbosity and the export gate are not: they change no
+    trial already run.
+    """
     identity = {
         "tuner": config.tuner,
         "backbone": config.backbone,
@@ -152,14 +162,56 @@ def search_identity(config: TrainConfig, space: dict, image_size, weights_id: st
         "seed": config.seed,
         "objective": OBJECTIVE.name,
         "data_dir": config.data_dir if "://" in config.data_dir else os.path.abspath(config.data_dir),
+        "data_digest": data_digest(config.data_dir),
+        "batch_size": config.batch_size,
+        "strategy": config.strategy,
+        "mixed_precision": bool(mixed_precision),
+        "augment": dataclasses.asdict(config.augment),
+        "class_weights": config.class_weights,
+        "validation_fraction": config.validation_fraction,
+        "early_stopping_patience": config.early_stopping_patience,
     }
     if config.finetune_cache:
         identity["finetune_cache"] = config.finetune_cache  # absent when off, so older searches still resume
     return identity
 
 
+def data_digest(data_dir: str) -> str:
+    """sha256 of ``labels.txt`` and ``stats.json`` (or, without it, of the shard names and sizes).
+
+    Re-running preprocessing into the same folder changes ``stats.json`` (its
+    counts, sizes and times), so a search never resumes onto other records.
+    """
+    import hashlib
+
+    import tensorflow as tf
+
+    from preprocessing import tfrecords
+
+    digest = hashlib.sha256()
+    for name in (tfrecords.LABELS_FILE, "stats.json"):
+        path = os.path.join(data_dir, name)
+        if tf.io.gfile.exists(path):
+            with tf.io.gfile.GFile(path, "rb") as handle:
+                digest.update(name.encode() + b"\0" + handle.read())
+        elif name == "stats.json":
+            for shard in sorted(tf.io.gfile.glob(os.path.join(data_dir, "*.tfrecord*"))):
+                digest.update(f"{os.path.basename(shard)}:{tf.io.gfile.stat(shard).length}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":")) if value is not None else "(unset)"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def prepare_project(config: TrainConfig, identity: dict) -> str:
-    """Refuse a changed search, or clear the project with ``--overwrite``; return "resume" or "fresh"."""
+    """Refuse a changed search, or clear the project with ``--overwrite``; return "resume" or "fresh".
+
+    A refusal lists every setting that differs, old and new. Settings that a
+    record from an older trainer does not hold yet are taken as they are now
+    (logged), so such searches still resume.
+    """
     import tensorflow as tf
 
     project = config.tuner_dir
@@ -175,9 +227,14 @@ def prepare_project(config: TrainConfig, identity: dict) -> str:
                         "pass --overwrite to start afresh")
     with tf.io.gfile.GFile(record) as handle:
         previous = json.load(handle)
+    unrecorded = sorted(k for k in identity if k not in previous and k != "finetune_cache")
+    if unrecorded:
+        log.info("%s predates the check of %s: taking the current values", record, ", ".join(unrecorded))
+        previous = {**previous, **{k: identity[k] for k in unrecorded}}
     changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
     if changed:
-        raise UserError(f"--job-dir {config.job_dir}: holds a search with different {', '.join(changed)}; "
+        differences = "; ".join(f"{k} {_shown(previous.get(k))} -> {_shown(identity.get(k))}" for k in changed)
+        raise UserError(f"--job-dir {config.job_dir}: holds a search with different settings ({differences}); "
                         "re-run with the same settings to resume, or pass --overwrite to start afresh")
     return "resume"
 

@@ -97,7 +97,8 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
     boundary = finetune_cache.boundary_layer(backbone, probe, max_depth) if config.finetune_cache else None
     del probe
     keras.backend.clear_session()
-    identity = search.search_identity(config, space, image_size, _weights_id(config.weights, weights_path))
+    identity = search.search_identity(config, space, image_size, _weights_id(config.weights, weights_path),
+                                      mixed_precision=distribute.uses_mixed_precision(config.mixed_precision))
     mode = search.prepare_project(config, identity) if role != "worker" else "worker"
     if placement is None:
         placement = distribute.configure(config.strategy, config.mixed_precision)
