@@ -66,8 +66,11 @@ def run(config: PreprocessConfig, beam_args: list[str] | None = None) -> dict:
         result = beam_pipeline.run()
         pipeline.wait_with_progress(result, choice.local, config.progress_seconds)
         seconds = time.monotonic() - started
-        counters, distributions, _ = stats.query_counts(result)
+        counters, distributions = stats.read_counts(_read_text(staging.join(stats.COUNTS_FILE)))
+        FileSystems.delete([staging.join(stats.COUNTS_FILE)])
         result_stats = stats.build_stats(counters, distributions)
+        errors_lines = sum(1 for line in _read_text(staging.join(ERRORS_FILE)).splitlines() if line.strip())
+        result_stats["cross_check"] = stats.cross_check(result, result_stats["totals"], errors_lines)
         labels = [line for line in _read_text(staging.join(LABELS_FILE)).splitlines() if line]
         _refuse_unusable(spec, result_stats, labels, staging.join(ERRORS_FILE))
     except BaseException:  # a failed, refused or interrupted run leaves nothing behind

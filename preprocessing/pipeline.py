@@ -15,8 +15,9 @@ Only small tuples (path, label, split, sha256) cross a shuffle: image bytes
 are read inside the steps that need them (twice: once to hash, once to
 convert) and never held, so memory does not grow with the images. (The
 local runner keeps those small tuples in memory between steps, a few KB per
-file; distributed runners shuffle them to disk.) Counts are Beam metrics
-(:mod:`preprocessing.stats`).
+file; distributed runners shuffle them to disk.) Every counting step also
+emits its counts on a side output, summed and written with the data
+(:mod:`preprocessing.stats`), so the accounting needs no runner metrics.
 """
 
 from __future__ import annotations
@@ -86,11 +87,11 @@ class ListedFile(beam.DoFn):
         self.spec = spec
 
     @staticmethod
-    def _reject(path: str, reason: str):
-        stats.count("found", splits.UNASSIGNED, stats.NO_CLASS)
-        stats.count("rejected", splits.UNASSIGNED, stats.NO_CLASS)
-        stats.count_stage("list")
-        return beam.pvalue.TaggedOutput(REJECTED, rejection(path, reason, "list"))
+    def _reject(path: str, reason: str) -> list:
+        return [stats.count("found", splits.UNASSIGNED, stats.NO_CLASS),
+                stats.count("rejected", splits.UNASSIGNED, stats.NO_CLASS),
+                stats.count_stage("list"),
+                beam.pvalue.TaggedOutput(REJECTED, rejection(path, reason, "list"))]
 
     def process(self, element) -> Iterable:
         try:
@@ -99,16 +100,16 @@ class ListedFile(beam.DoFn):
             else:
                 item = sources.item_from_path(element.path, self.spec)
         except sources.RowRejected as error:
-            yield self._reject(error.path, str(error))
+            yield from self._reject(error.path, str(error))
             return
         except images.Rejected as error:
-            yield self._reject(element.path, str(error))
+            yield from self._reject(element.path, str(error))
             return
         if item is None:
-            beam.metrics.Metrics.counter(stats.NAMESPACE, "ignored").inc()
+            yield stats.tally("ignored")
             return
         if item.split:
-            stats.count("found", item.split, item.label)
+            yield stats.count("found", item.split, item.label)
         yield item
 
 
@@ -135,21 +136,21 @@ class ReadAndHash(beam.DoFn):
                 raise images.Rejected("empty file (0 bytes)")
         except images.Rejected as error:
             if not item.split:
-                stats.count("found", splits.UNASSIGNED, item.label)
-            stats.count("rejected", item.split or splits.UNASSIGNED, item.label)
-            stats.count_stage("read")
+                yield stats.count("found", splits.UNASSIGNED, item.label)
+            yield stats.count("rejected", item.split or splits.UNASSIGNED, item.label)
+            yield stats.count_stage("read")
             self.progress.add(rejected=True)
             yield beam.pvalue.TaggedOutput(REJECTED, rejection(item.path, str(error), "read"))
             return
         digest = hashlib.sha256(data).hexdigest()
         if not item.split:
             item = item._replace(split=splits.split_for(digest, self.fractions))
-            stats.count("found", item.split, item.label)
+            yield stats.count("found", item.split, item.label)
         try:
             images.probe(data, self.max_pixels)
         except images.Rejected as error:
-            stats.count("rejected", item.split, item.label)
-            stats.count_stage("decode")
+            yield stats.count("rejected", item.split, item.label)
+            yield stats.count_stage("decode")
             self.progress.add(rejected=True)
             yield beam.pvalue.TaggedOutput(REJECTED, rejection(item.path, str(error), "decode"))
             return
@@ -163,9 +164,9 @@ def keep_first(element) -> Iterable:
     ordered = sorted(items, key=lambda item: (SPLITS.index(item.split), item.path))
     kept = ordered[0]
     for duplicate in ordered[1:]:
-        stats.count("duplicates", duplicate.split, duplicate.label)
+        yield stats.count("duplicates", duplicate.split, duplicate.label)
         if duplicate.label != kept.label:
-            beam.metrics.Metrics.counter(stats.NAMESPACE, "duplicate_label_conflicts").inc()
+            yield stats.tally("duplicate_label_conflicts")
             _log.warning("same image, different labels: kept %s (%s), dropped %s (%s)",
                          kept.path, kept.label, duplicate.path, duplicate.label)
     yield digest, kept
@@ -191,11 +192,10 @@ class Convert(beam.DoFn):
             self._ids = {name: index for index, name in enumerate(labels)}
         return self._ids[label]
 
-    def _reject(self, item: InputItem, reason: str, stage: str):
-        stats.count("rejected", item.split, item.label)
-        stats.count_stage(stage)
+    def _reject(self, item: InputItem, reason: str, stage: str) -> list:
         self.progress.add(rejected=True)
-        return beam.pvalue.TaggedOutput(REJECTED, rejection(item.path, reason, stage))
+        return [stats.count("rejected", item.split, item.label), stats.count_stage(stage),
+                beam.pvalue.TaggedOutput(REJECTED, rejection(item.path, reason, stage))]
 
     def process(self, element, labels: list[str]) -> Iterable:
         digest, item = element
@@ -203,17 +203,17 @@ class Convert(beam.DoFn):
         try:
             data = read_bytes(item.path)
         except images.Rejected as error:
-            yield self._reject(item, str(error), "read")
+            yield from self._reject(item, str(error), "read")
             return
         if hashlib.sha256(data).hexdigest() != digest:
-            yield self._reject(item, "file changed while the job ran (sha256 differs from the first read)", "read")
+            yield from self._reject(item, "file changed while the job ran (sha256 differs from the first read)", "read")
             return
         try:
             converted = images.convert(
                 data, config.image_size, config.resize_mode, config.image_format, config.jpeg_quality, config.max_pixels
             )
         except images.Rejected as error:
-            yield self._reject(item, str(error), "decode")
+            yield from self._reject(item, str(error), "decode")
             return
         record = self.serialize(
             encoded=converted.encoded,
@@ -225,8 +225,8 @@ class Convert(beam.DoFn):
             source_id=item.source_id,
             sha256=digest,
         )
-        stats.count("written", item.split, item.label)
-        stats.count_size(converted.source_width, converted.source_height)
+        yield stats.count("written", item.split, item.label)
+        yield from stats.count_size(converted.source_width, converted.source_height)
         self.progress.add()
         yield item.split, record
 
@@ -258,7 +258,7 @@ def build(pipeline: beam.Pipeline, config: PreprocessConfig, spec: InputSpec, ou
         lines
         | "LogListed" >> beam.ParDo(LogListed())
         | "SpreadOverWorkers" >> beam.Reshuffle()
-        | "ToInputItems" >> beam.ParDo(ListedFile(spec)).with_outputs(REJECTED, main="items")
+        | "ToInputItems" >> beam.ParDo(ListedFile(spec)).with_outputs(REJECTED, stats.COUNTS, main="items")
     )
     items = listed.items
 
@@ -275,15 +275,16 @@ def build(pipeline: beam.Pipeline, config: PreprocessConfig, spec: InputSpec, ou
         )
     )
 
-    hashed = items | "ReadAndHash" >> beam.ParDo(ReadAndHash(config)).with_outputs(REJECTED, main="hashed")
+    hashed = items | "ReadAndHash" >> beam.ParDo(ReadAndHash(config)).with_outputs(
+        REJECTED, stats.COUNTS, main="hashed")
     unique = (
         hashed.hashed
         | "GroupBySha256" >> beam.GroupByKey()
-        | "KeepFirstOfDuplicates" >> beam.FlatMap(keep_first)
+        | "KeepFirstOfDuplicates" >> beam.FlatMap(keep_first).with_outputs(stats.COUNTS, main="kept")
     )
-    converted = unique | "Convert" >> beam.ParDo(
+    converted = unique.kept | "Convert" >> beam.ParDo(
         Convert(config), labels=beam.pvalue.AsSingleton(labels)
-    ).with_outputs(REJECTED, main="records")
+    ).with_outputs(REJECTED, stats.COUNTS, stats.SIZES, main="records")
 
     by_split = converted.records | "BySplit" >> beam.Partition(lambda kv, _: SPLITS.index(kv[0]), len(SPLITS))
     for split, records in zip(SPLITS, by_split):
@@ -297,6 +298,17 @@ def build(pipeline: beam.Pipeline, config: PreprocessConfig, spec: InputSpec, ou
                 shard_name_template="-SSSSS-of-NNNNN",
             )
         )
+
+    sizes = converted[stats.SIZES] | "SizeSummary" >> beam.CombineGlobally(stats.SizeSummary())
+    _ = (
+        (listed[stats.COUNTS], hashed[stats.COUNTS], unique[stats.COUNTS], converted[stats.COUNTS])
+        | "AllCounts" >> beam.Flatten()
+        | "SumCounts" >> beam.CombinePerKey(sum)
+        | "CountsDict" >> beam.combiners.ToDict()
+        | "CountsJson" >> beam.Map(stats.counts_json, beam.pvalue.AsSingleton(sizes))
+        | "WriteCounts" >> beam.io.WriteToText(
+            FileSystems.join(out_dir, stats.COUNTS_FILE), num_shards=1, shard_name_template="")
+    )
 
     errors_stem, errors_ext = ERRORS_FILE.rsplit(".", 1)
     _ = (

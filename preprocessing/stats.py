@@ -1,20 +1,24 @@
-"""Counting with Beam metrics, and turning the counts into ``stats.json`` and a summary.
+"""Counting every outcome, and turning the counts into ``stats.json`` and a summary.
 
-Workers count every outcome with a Beam counter named ``OUTCOME:SPLIT:CLASS``
-in the ``preprocessing`` namespace (outcomes: found, written, rejected,
-duplicates; the split is ``unassigned`` for an input rejected before its bytes
-were read), rejected reasons by stage as ``stage:STAGE``, and source sizes as
-``long_side:BUCKET`` plus two distributions. The launching process reads them
-back from the runner's result, so the numbers are the runner's committed
-metrics, not a second count.
+The accounting is what the pipeline itself writes: every step that decides an
+input's outcome (found, written, rejected, duplicates, per split and class;
+rejections by stage; source sizes) also emits a small element on its
+``COUNTS`` (or ``SIZES``) output. The pipeline sums them and writes the sums
+beside the records (``COUNTS_FILE`` in the staging folder), so the numbers do
+not depend on whether, when or how a runner reports metrics. Beam counters of
+the same names are kept for progress while the job runs, and compared with the
+pipeline's counts at the end (:func:`cross_check`): a disagreement is reported,
+never a reason to drop a good output.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
 
+import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 
@@ -24,18 +28,27 @@ NAMESPACE = "preprocessing"
 NO_CLASS = "(none)"  # an input rejected before its class was known (e.g. a manifest row with a blank label)
 OUTCOMES = ("found", "written", "rejected", "duplicates")
 LONG_SIDE_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+COUNTS = "counts"  # tag of the counts output of each counting step
+SIZES = "sizes"  # tag of the (width, height) output of the converting step
+COUNTS_FILE = "_counts.json"  # written by the pipeline into the staging folder, folded into stats.json
 
 _log = logging.getLogger("preprocessing")
 
 
-def count(outcome: str, split: str, label: str, value: int = 1) -> None:
-    """Add to the counter of one outcome for one (split, class)."""
-    Metrics.counter(NAMESPACE, f"{outcome}:{split}:{label}").inc(value)
+def tally(name: str, value: int = 1) -> beam.pvalue.TaggedOutput:
+    """Count ``name``: a Beam counter (for progress) and the element to yield on ``COUNTS`` (the accounting)."""
+    Metrics.counter(NAMESPACE, name).inc(value)
+    return beam.pvalue.TaggedOutput(COUNTS, (name, value))
 
 
-def count_stage(stage: str) -> None:
-    """One more input rejected at ``stage``."""
-    Metrics.counter(NAMESPACE, f"stage:{stage}").inc()
+def count(outcome: str, split: str, label: str, value: int = 1) -> beam.pvalue.TaggedOutput:
+    """One outcome for one (split, class); yield the result."""
+    return tally(f"{outcome}:{split}:{label}", value)
+
+
+def count_stage(stage: str) -> beam.pvalue.TaggedOutput:
+    """One more input rejected at ``stage``; yield the result."""
+    return tally(f"stage:{stage}")
 
 
 def size_bucket(width: int, height: int) -> str:
@@ -47,11 +60,51 @@ def size_bucket(width: int, height: int) -> str:
     return f">{LONG_SIDE_BUCKETS[-1]}"
 
 
-def count_size(width: int, height: int) -> None:
-    """Record a decoded source image's size."""
-    Metrics.counter(NAMESPACE, f"long_side:{size_bucket(width, height)}").inc()
+def count_size(width: int, height: int) -> list:
+    """A decoded source image's size: the elements to yield."""
     Metrics.distribution(NAMESPACE, "source_width").update(width)
     Metrics.distribution(NAMESPACE, "source_height").update(height)
+    return [tally(f"long_side:{size_bucket(width, height)}"), beam.pvalue.TaggedOutput(SIZES, (width, height))]
+
+
+class SizeSummary(beam.CombineFn):
+    """(width, height) pairs -> ``{"width": {count, min, max, sum}, "height": {...}}``."""
+
+    def create_accumulator(self):
+        return {"width": [0, None, None, 0], "height": [0, None, None, 0]}
+
+    def add_input(self, accumulator, size):
+        for key, value in zip(("width", "height"), size):
+            count_, low, high, total = accumulator[key]
+            accumulator[key] = [count_ + 1, value if low is None else min(low, value),
+                                value if high is None else max(high, value), total + value]
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for accumulator in accumulators:
+            for key, (count_, low, high, total) in accumulator.items():
+                if not count_:
+                    continue
+                m = merged[key]
+                merged[key] = [m[0] + count_, low if m[1] is None else min(m[1], low),
+                               high if m[2] is None else max(m[2], high), m[3] + total]
+        return merged
+
+    def extract_output(self, accumulator):
+        return {key: dict(zip(("count", "min", "max", "sum"), values)) for key, values in accumulator.items()}
+
+
+def counts_json(counters: dict, sizes: dict) -> str:
+    """The content of ``COUNTS_FILE``."""
+    return json.dumps({"counters": counters, "sizes": sizes}, sort_keys=True)
+
+
+def read_counts(text: str) -> tuple[dict, dict]:
+    """(counters, distributions) from ``COUNTS_FILE``'s content, as :func:`build_stats` takes them."""
+    content = json.loads(text)
+    return ({name: int(value) for name, value in content["counters"].items()},
+            {f"source_{key}": value for key, value in content["sizes"].items()})
 
 
 class WorkerProgress:
@@ -86,8 +139,8 @@ class WorkerProgress:
         )
 
 
-def query_counts(result) -> tuple[dict, dict, dict]:
-    """(counters, distributions, source) from a pipeline result: committed where the runner has them."""
+def query_counts(result) -> tuple[dict, dict, str]:
+    """(counters, distributions, source) from a runner's metrics: committed where it has them. Progress only."""
     metrics = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
 
     def pick(entries):
@@ -107,6 +160,37 @@ def _merge(old, new):
     if isinstance(new, int):
         return old + new
     return new
+
+
+def cross_check(result, totals: dict, errors_lines: int) -> dict:
+    """Compare the pipeline's own totals with the runner's metrics and the dead-letter file; log any difference.
+
+    Returns what ``stats.json`` records under ``"cross_check"``. The pipeline's
+    counts stand either way: a runner may report metrics late, only as
+    attempted values (retries counted twice), or not at all.
+    """
+    check: dict = {"errors_file_lines": errors_lines}
+    if errors_lines != totals["rejected"]:
+        _log.warning("errors.jsonl holds %d lines but %d inputs were rejected", errors_lines, totals["rejected"])
+    try:
+        counters, _, _ = query_counts(result)
+    except Exception as error:  # noqa: BLE001 - a runner without a metrics API
+        counters = {}
+        _log.debug("no metrics from the runner: %s", error)
+    metric_totals = build_stats(counters, {})["totals"]
+    if not counters:
+        check["beam_metrics"] = "unavailable"
+        _log.info("the runner reported no metrics; the counts are the pipeline's own (%s)", COUNTS_FILE)
+    elif metric_totals == totals:
+        check["beam_metrics"] = "agree"
+    else:
+        check["beam_metrics"] = "disagree"
+        check["beam_metrics_totals"] = metric_totals
+        _log.warning("the runner's metrics (%s) disagree with the pipeline's own counts (%s); the output is kept "
+                     "and stats.json holds the pipeline's counts",
+                     ", ".join(f"{k} {v:,}" for k, v in metric_totals.items()),
+                     ", ".join(f"{k} {v:,}" for k, v in totals.items()))
+    return check
 
 
 def build_stats(counters: dict, distributions: dict) -> dict:
@@ -151,9 +235,13 @@ def build_stats(counters: dict, distributions: dict) -> dict:
 
 
 def _distribution(value) -> dict:
-    if value is None or not getattr(value, "count", 0):
+    if isinstance(value, dict):
+        count_, low, high, total = (value.get(k) for k in ("count", "min", "max", "sum"))
+    else:  # a Beam DistributionResult
+        count_, low, high, total = (getattr(value, k, None) for k in ("count", "min", "max", "sum"))
+    if not count_:
         return {"count": 0}
-    return {"count": value.count, "min": value.min, "max": value.max, "mean": round(value.sum / value.count, 1)}
+    return {"count": count_, "min": low, "max": high, "mean": round(total / count_, 1)}
 
 
 def summary_lines(stats: dict) -> list[str]:
@@ -175,5 +263,5 @@ def summary_lines(stats: dict) -> list[str]:
     if stats.get("empty_class_folders"):
         lines.append(f"  empty class folders left out: {', '.join(stats['empty_class_folders'])}")
     if not stats["accounted"]:
-        lines.append("  WARNING: written + rejected + duplicates != found; the runner may have lost metrics")
+        lines.append("  WARNING: written + rejected + duplicates != found; inputs were lost between the job's steps")
     return lines
