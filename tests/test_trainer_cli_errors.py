@@ -135,3 +135,32 @@ def test_from_the_shell_the_error_is_the_only_line_on_stderr(repo_root, tmp_path
                              str(tmp_path / "job")], cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"tlp-train: error: --data {tmp_path / 'nope'}: no such folder"]
+
+
+def test_a_truncated_shard_is_named_with_its_split(capsys, data_copy, tmp_path):
+    shard = data_copy / "validation-00000-of-00001.tfrecord"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    _fails_in_one_line(capsys, ["--data", str(data_copy), "--job-dir", str(tmp_path / "job"), *QUICK],
+                       "validation shard validation-00000-of-00001.tfrecord", "truncated record",
+                       "re-run preprocessing")
+
+
+def test_a_shard_that_breaks_during_a_trial_stops_the_search_naming_the_shard(data_copy, tmp_path):
+    """Keras Tuner would record a failed trial and go on; a broken shard is the data's fault, not the trial's."""
+    import keras_tuner as kt
+
+    from trainer.config import TrainConfig, UserError
+    from trainer.hypermodel import DataLoss
+    from trainer.train import _named_data_loss
+
+    assert issubclass(DataLoss, kt.errors.FatalError)
+    shard = data_copy / "train-00000-of-00001.tfrecord"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte: the record's CRC no longer matches
+    shard.write_bytes(bytes(data))
+
+    def trial():
+        raise DataLoss("corrupted record at 1234")
+
+    with pytest.raises(UserError, match="train shard train-00000-of-00001.tfrecord: corrupted record"):
+        _named_data_loss(TrainConfig(data_dir=str(data_copy), job_dir=str(tmp_path)), trial)

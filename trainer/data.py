@@ -95,6 +95,48 @@ def inspect_data(data_dir: str, validation_fraction: float = 0.2) -> DataInfo:
     return info
 
 
+def corrupt_shards(files: list[str]) -> list[tuple[str, str]]:
+    """``(shard, reason)`` for each file that does not read to its end as TFRecords (one pass per shard)."""
+    import tensorflow as tf
+
+    bad = []
+    for path in files:
+        try:
+            for _ in tf.data.TFRecordDataset(path, buffer_size=1 << 20).batch(4096):
+                pass
+        except tf.errors.DataLossError as error:
+            bad.append((path, _op_message(error)))
+        except tf.errors.OpError as error:
+            bad.append((path, type(error).__name__))
+    return bad
+
+
+def _op_message(error) -> str:
+    """TensorFlow's reason without its function-node prefix and op suffix."""
+    import re
+
+    text = (error.message or "").strip().splitlines()[-1] if error.message else ""
+    text = re.sub(r"\{\{.*?\}\}\s*", "", text)
+    text = re.sub(r"\s*\[Op:.*$", "", text).strip()
+    return text or type(error).__name__
+
+
+def corrupt_data_error(data_dir: str, shards: dict[str, list[str]]) -> UserError:
+    """The one-line error for a ``DataLossError`` while reading ``shards``: which shard of which split, and why.
+
+    TensorFlow's own message names a record offset but not the file, so the
+    shards are read once more, one by one, to find the culprit.
+    """
+    found = [(split, path, reason) for split, files in shards.items() for path, reason in corrupt_shards(files)]
+    if not found:
+        return UserError(f"--data {data_dir}: a shard of {', '.join(shards)} could not be read to its end "
+                         "(corrupt, truncated, or changed while training)")
+    named = "; ".join(f"{split} shard {os.path.basename(path)}: {reason}" for split, path, reason in found[:3])
+    more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+    return UserError(f"--data {data_dir}: corrupt or truncated TFRecord file: {named}{more}; "
+                     "re-run preprocessing to rewrite it")
+
+
 def _read_options(data_dir: str) -> dict:
     import tensorflow as tf
 
@@ -140,7 +182,7 @@ def _count_split(data_dir, split, files, labels, carve, fraction) -> dict[str, l
                 target = "validation" if carve and split == "train" and bucket < fraction * _BUCKETS else split
                 counts[target][label] += 1
     except tf.errors.DataLossError:
-        raise UserError(f"--data {data_dir}: a {split} shard is corrupt or not a TFRecord file") from None
+        raise corrupt_data_error(data_dir, {split: files}) from None
     for label, text in seen_text.items():
         if text != labels[label]:
             raise UserError(f"--data {data_dir}: {split} records name class {label} {text!r} but "

@@ -274,6 +274,11 @@ class TrialInputs:
         return TrialInputs(self.features, self.images, self.class_weight)
 
 
+class DataLoss(kt.errors.FatalError):
+    """A shard could not be read during a trial. Keras Tuner lets a ``FatalError`` through instead of
+    recording a failed trial; the run names the shard (:func:`trainer.data.corrupt_data_error`)."""
+
+
 class TransferHyperModel(kt.HyperModel):
     """Head + fine-tune depth search over one backbone (see the module docstring)."""
 
@@ -440,6 +445,8 @@ class TransferHyperModel(kt.HyperModel):
                     result = _best(history.history)
         except tf.errors.ResourceExhaustedError as error:
             raise kt.errors.FailedTrialError(f"out of memory: {str(error).splitlines()[0][:200]}") from None
+        except tf.errors.DataLossError as error:
+            raise DataLoss(error) from None  # the data, not the trial, is broken: stop the search
         for checkpoint in checkpoints:
             model.save_weights(checkpoint.filepath)
         return result

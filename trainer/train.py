@@ -59,14 +59,30 @@ def run(config: TrainConfig, placement=None) -> dict:
     from trainer import distribute
 
     if distribute.writes_shared_outputs(config.strategy):
-        return _run(config, placement)
+        return _named_data_loss(config, lambda: _run(config, placement))
     import shutil
 
     config, scratch = distribute.scratch_config(config)
     try:
-        return _run(config, placement, chief=False)
+        return _named_data_loss(config, lambda: _run(config, placement, chief=False))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _named_data_loss(config: TrainConfig, body):
+    """Run ``body``; a shard that stops reading mid-run becomes one line naming the shard and its split."""
+    import tensorflow as tf
+
+    from trainer import data
+    from trainer.hypermodel import DataLoss
+
+    try:
+        return body()
+    except (tf.errors.DataLossError, DataLoss):
+        from preprocessing import tfrecords
+
+        shards = {split: tfrecords.list_shards(config.data_dir, split) for split in tfrecords.SPLITS}
+        raise data.corrupt_data_error(config.data_dir, shards) from None
 
 
 def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
