@@ -8,6 +8,7 @@ benchmark) may call: it returns the ``stats.json`` content and raises
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import logging
 import time
@@ -73,8 +74,13 @@ def run(config: PreprocessConfig, beam_args: list[str] | None = None) -> dict:
         result_stats["cross_check"] = stats.cross_check(result, result_stats["totals"], errors_lines)
         labels = [line for line in _read_text(staging.join(LABELS_FILE)).splitlines() if line]
         _refuse_unusable(spec, result_stats, labels, staging.join(ERRORS_FILE))
-    except BaseException:  # a failed, refused or interrupted run leaves nothing behind
+    except BaseException as error:  # a failed, refused or interrupted run leaves nothing behind
         staging.discard()
+        full = _disk_full(error)
+        if full:
+            raise PreprocessingError(
+                f"{staging.output}: cannot write the output ({full} while writing {staging.path}); nothing was "
+                "published: free some space (or raise the file size limit) and run the same command again") from None
         raise
 
     totals = result_stats["totals"]
@@ -101,6 +107,21 @@ def run(config: PreprocessConfig, beam_args: list[str] | None = None) -> dict:
     for line in stats.summary_lines(result_stats):
         _log.info("%s", line)
     return result_stats
+
+
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file size limit reached",
+              errno.EDQUOT: "disk quota exceeded"}
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """The reason when ``error`` is a full disk, a file size limit or a quota, wherever Beam wrapped it."""
+    if isinstance(error, OSError) and error.errno in _DISK_FULL:
+        return _DISK_FULL[error.errno]
+    text = str(error)
+    for number, reason in _DISK_FULL.items():
+        if f"[Errno {number}]" in text:
+            return reason
+    return None
 
 
 def _refuse_unusable(spec: sources.InputSpec, result_stats: dict, labels: list[str], errors_path: str) -> None:

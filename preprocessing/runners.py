@@ -13,6 +13,7 @@ Any other ``--runner`` (DataflowRunner, FlinkRunner, SparkRunner, PrismRunner
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -20,9 +21,14 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from apache_beam.portability import python_urns
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 
-# Workers log our progress; Beam's start-up chatter in each worker is noise to a person watching.
+from preprocessing.worker import TRACEBACKS_LOGGER
+
+# Workers log our progress; Beam's start-up chatter in each worker is noise to a person watching, and so
+# are its tracebacks of a failed bundle (sdk_worker, common): the driver raises the same error, which the
+# CLI turns into one line (the whole traceback with --verbose).
 _WORKER_LOG_LEVELS = {"preprocessing": "INFO", "__main__": "ERROR", "apache_beam.runners.worker.sdk_worker_main": "ERROR",
-                      "apache_beam.options.pipeline_options": "ERROR"}
+                      "apache_beam.options.pipeline_options": "ERROR",
+                      "apache_beam.runners.worker.sdk_worker": "CRITICAL", "apache_beam.runners.common": "CRITICAL"}
 # The worker command FnApiRunner's multi_processing mode starts, and ours (the same harness, quieter logs).
 _BEAM_WORKER_MODULE = b" -m apache_beam.runners.worker.sdk_worker_main"
 _WORKER_MODULE = b" -m preprocessing.worker"
@@ -81,7 +87,9 @@ def choose_runner(beam_args: list[str]) -> RunnerChoice:
     if not _has_flag(args, "--default_sdk_harness_log_level"):
         args.append("--default_sdk_harness_log_level=WARNING")
     if not _has_flag(args, "--sdk_harness_log_level_overrides"):
-        args.append("--sdk_harness_log_level_overrides=" + json.dumps(_WORKER_LOG_LEVELS))
+        beam_logs = logging.getLogger("apache_beam").isEnabledFor(logging.INFO)  # the driver's --verbose
+        levels = {**_WORKER_LOG_LEVELS, TRACEBACKS_LOGGER: "DEBUG" if beam_logs else "INFO"}
+        args.append("--sdk_harness_log_level_overrides=" + json.dumps(levels))
     args = _without_flag(args, "--runner")
     options = PipelineOptions(args)
     direct = options.view_as(DirectOptions)

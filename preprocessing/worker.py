@@ -29,11 +29,43 @@ class ConsoleFilter(logging.Filter):
         return record.levelno >= logging.WARNING and not record.getMessage().startswith("apitools not found")
 
 
+# Its level (set by the driver through --sdk_harness_log_level_overrides) says whether the harness's raw
+# tracebacks of failed bundles reach the console: DEBUG when the driver shows Beam's own logs (--verbose).
+TRACEBACKS_LOGGER = "preprocessing.worker.tracebacks"
+
+
+class QuietTracebacks:
+    """``sys.stderr`` minus the tracebacks Beam's harness prints for a failed bundle.
+
+    The harness prints them straight to stderr (``sdk_worker._execute``) and
+    also returns them to the driver, which raises the same error; the CLI
+    turns that into one line. Everything else is passed through.
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._dropped = False
+
+    def write(self, text: str) -> int:
+        dropped, self._dropped = self._dropped, False
+        if text.startswith("Traceback (most recent call last):") and \
+                not logging.getLogger(TRACEBACKS_LOGGER).isEnabledFor(logging.DEBUG):
+            self._dropped = True
+            return len(text)
+        if dropped and text == "\n":  # print()'s line end after the dropped traceback
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def configure_console() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
     handler.addFilter(ConsoleFilter())
     logging.getLogger().addHandler(handler)
+    sys.stderr = QuietTracebacks(sys.stderr)
 
 
 def main() -> None:
