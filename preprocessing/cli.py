@@ -1,8 +1,9 @@
 """``python -m preprocessing`` / ``tlp-preprocess``: image folders or a CSV manifest -> TFRecords.
 
 Flags mirror :class:`preprocessing.config.PreprocessConfig`; flags this parser
-does not know (``--runner``, ``--project``, ``--temp_location``,
-``--direct_num_workers`` ...) go to Beam's ``PipelineOptions`` unchanged.
+does not know go to Beam's ``PipelineOptions`` when Beam defines them
+(``--runner``, ``--project``, ``--temp_location``, ``--direct_num_workers`` ...)
+or when they come after ``--``; any other is an error.
 A problem the user can fix is one line on stderr and exit status 2.
 """
 
@@ -13,7 +14,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
+import difflib  # noqa: E402
 import logging  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 from typing import Sequence  # noqa: E402
 
@@ -36,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
             "with an Apache Beam pipeline."
         ),
         epilog=(
-            "Any other flag is passed to Apache Beam, e.g. --runner DataflowRunner --project P --region R "
-            "--temp_location gs://B/tmp, or --direct_num_workers 4. Without --runner the job runs locally on "
-            "Beam's FnApiRunner with one worker process per CPU core."
+            "Apache Beam's own options (--runner DataflowRunner --project P --region R --temp_location gs://B/tmp, "
+            "--direct_num_workers 4, ...) are passed to Beam; any other unknown flag is an error, so a typo never "
+            "falls back silently to a default. Flags that this Beam does not define (a runner's own options) go "
+            "after --, unchecked. Without --runner the job runs locally on Beam's FnApiRunner with one worker "
+            "process per CPU core."
         ),
     )
     parser.add_argument("--input", required=True, help="image folder or CSV manifest (local path or gs://, s3://, ...)")
@@ -110,10 +115,30 @@ def _drop_forwarded_worker_logs(record: logging.LogRecord) -> bool:
     return not (message.startswith("Worker: ") or message.startswith("apitools not found"))
 
 
+def _split_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Our flags, then Beam's: unknown flags are Beam's only when Beam defines them, or when after ``--``."""
+    from preprocessing.runners import unknown_flags
+
+    passthrough: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, passthrough = argv[:at], argv[at + 1:]
+    args, beam_args = parser.parse_known_args(argv)
+    unknown = unknown_flags(beam_args)
+    if unknown:
+        ours = re.findall(r"--[a-z][a-z-]*", parser.format_usage())
+        hints = [difflib.get_close_matches(flag, ours, n=1) for flag in unknown]
+        hint = "; ".join(f"did you mean {h[0]}?" for h in hints if h)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (neither a flag of this job nor an Apache "
+                     f"Beam option{'; ' + hint if hint else ''}; flags for a runner's own options go after --)")
+    return args, beam_args + passthrough
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, beam_args = parser.parse_known_args(argv)
-    _setup_logging(args.verbose)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging("--verbose" in argv)
+    args, beam_args = _split_args(parser, argv)
     try:
         config = config_from_args(args)
         from preprocessing.job import run

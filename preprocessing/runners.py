@@ -70,6 +70,27 @@ def _without_flag(args: list[str], name: str) -> list[str]:
     return out
 
 
+def unknown_flags(beam_args: list[str]) -> list[str]:
+    """The flags in ``beam_args`` that no Beam ``PipelineOptions`` class defines (as typed, e.g. ``--image-szie``).
+
+    Beam itself only logs "Discarding unparseable args" and runs on, so a
+    mistyped flag of ours would silently fall back to its default. Compared
+    with public API only: the options Beam parses with and without keeping
+    the unknown ones.
+    """
+    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_log.level
+    beam_log.setLevel(logging.ERROR)
+    try:
+        options = PipelineOptions(list(beam_args))
+        unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    finally:
+        beam_log.setLevel(level)
+    flags = [arg for arg in beam_args if arg.startswith("-")]
+    return [flag.split("=", 1)[0] for flag in flags
+            if flag.lstrip("-").split("=", 1)[0].replace("-", "_") in unknown]
+
+
 def choose_runner(beam_args: list[str]) -> RunnerChoice:
     """Build the runner and options from the Beam flags the CLI did not consume."""
     args = list(beam_args)

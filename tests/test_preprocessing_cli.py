@@ -157,3 +157,22 @@ def test_output_inside_the_input_folder_is_refused(tmp_path, capsys):
     line = _one_line_error(capsys, ["--input", str(root), "--output", str(root / "data"), *IN_PROCESS])
     assert "must not be inside the input folder" in line
     assert sorted(p.name for p in root.iterdir()) == ["hat", "shoe"]
+
+
+def test_a_mistyped_flag_is_an_error_not_a_beam_option(tmp_path, capsys):
+    """Before, --image-szie went to Beam, which only logged 'Discarding unparseable args', and the job ran at 224."""
+    root = _two_classes(tmp_path / "in")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--input", str(root), "--output", str(tmp_path / "out"), "--image-szie", "32"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --image-szie" in err and "did you mean --image-size?" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_beam_options_and_anything_after_a_double_dash_reach_beam(tmp_path):
+    root = _two_classes(tmp_path / "in")
+    out = tmp_path / "out"
+    assert main(["--input", str(root), "--output", str(out), "--image-size", "8", "--direct_num_workers=1",
+                 "--direct_running_mode", "in_memory", "--", "--a_runners_own_flag=1"]) == 0
+    assert json.loads((out / "stats.json").read_text())["totals"]["written"] == 6
