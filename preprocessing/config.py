@@ -57,17 +57,13 @@ class PreprocessConfig:
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
-    """``"96"`` -> ``(96, 96)``; ``"128x96"`` (width x height) -> ``(96, 128)`` as (height, width)."""
+    """``--image-size`` as (height, width): :func:`preprocessing.tfrecords.parse_image_size`, the one parser."""
+    from preprocessing.tfrecords import parse_image_size as parse
+
     try:
-        parts = [int(part) for part in text.lower().replace("×", "x").split("x")]
-    except ValueError:
-        raise PreprocessingError(f"--image-size must be a number or WIDTHxHEIGHT, got {text!r}") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise PreprocessingError(f"--image-size must be a positive number or WIDTHxHEIGHT, got {text!r}")
-    width, height = parts
-    return height, width
+        return parse(text)
+    except ValueError as error:
+        raise PreprocessingError(str(error)) from None
 
 
 def parse_split(text: str) -> tuple[float, float, float]:

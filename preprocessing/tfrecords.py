@@ -202,6 +202,26 @@ def decode_and_resize(encoded: "tf.Tensor", size: Sequence[int], mode: str = "st
     return resize_image(decode_image(encoded), size, mode)
 
 
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``--image-size`` of every stage: ``"96"`` -> ``(96, 96)``; ``"128x96"`` (WIDTHxHEIGHT) -> ``(96, 128)``.
+
+    Returns ``(height, width)``, the order TensorFlow's image ops take.
+    Raises ``ValueError`` with the reason for anything else (``96x``, ``0``,
+    ``axb``, three numbers).
+    """
+    parts = str(text).strip().lower().replace("×", "x").split("x")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"--image-size must be a number or WIDTHxHEIGHT (e.g. 224 or 320x240), got {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise ValueError(f"--image-size must be a positive number or WIDTHxHEIGHT (e.g. 224 or 320x240), got {text!r}")
+    width, height = values
+    return height, width
+
+
 def read_labels(data_dir: str) -> list[str]:
     """Class names from ``DATA/labels.txt``; line index is the class id."""
     import tensorflow as tf

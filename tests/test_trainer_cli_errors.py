@@ -164,3 +164,19 @@ def test_a_shard_that_breaks_during_a_trial_stops_the_search_naming_the_shard(da
 
     with pytest.raises(UserError, match="train shard train-00000-of-00001.tfrecord: corrupted record"):
         _named_data_loss(TrainConfig(data_dir=str(data_copy), job_dir=str(tmp_path)), trial)
+
+
+@pytest.mark.parametrize("size", ["96x", "x96", "0", "96x96x3", "big"])
+def test_an_image_size_every_stage_refuses_alike(capsys, tfrecord_data, tmp_path, size):
+    """One parser for every stage (preprocessing.tfrecords.parse_image_size): 96x was read as 96x96 here before."""
+    with pytest.raises(SystemExit):
+        main(["--data", str(tfrecord_data), "--job-dir", str(tmp_path / "job"), "--image-size", size])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "WIDTHxHEIGHT" in err and repr(size) in err
+
+
+def test_image_size_is_width_by_height_in_every_stage():
+    from preprocessing.config import parse_image_size as preprocessing_size
+    from trainer.cli import _image_size as trainer_size
+
+    assert preprocessing_size("320x240") == trainer_size("320x240") == (240, 320)

@@ -25,16 +25,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _image_size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace(",", "x").split("x")
+    """(height, width) from N or WIDTHxHEIGHT, parsed as every stage parses it."""
+    from preprocessing.tfrecords import parse_image_size
+
     try:
-        values = [int(p) for p in parts if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not SIZE or HEIGHTxWIDTH") from None
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not SIZE or HEIGHTxWIDTH")
-    return values[0], values[1]
+        return parse_image_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--image-size ")) from None
 
 
 def _integer_from(minimum: int):
@@ -85,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--weights", default=d.weights,
                        help="imagenet (download; needs internet), none (random init, for plumbing tests) "
                             "or PATH to a local .weights.h5 of the backbone without its top (default imagenet)")
-    model.add_argument("--image-size", type=_image_size, default=None, metavar="SIZE|HxW",
-                       help="model input size (default: the backbone's own, e.g. 224); smaller is faster")
+    model.add_argument("--image-size", type=_image_size, default=None, metavar="N|WxH",
+                       help="model input size: one number for a square, or WIDTHxHEIGHT as in preprocessing "
+                            "(default: the backbone's own, e.g. 224); smaller is faster")
     s = p.add_argument_group("search")
     s.add_argument("--tuner", choices=TUNERS, default=d.tuner, help=f"search algorithm (default {d.tuner})")
     s.add_argument("--max-trials", type=_positive, default=None,
