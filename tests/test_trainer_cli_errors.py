@@ -66,8 +66,11 @@ def test_a_single_class(capsys, tmp_path):
 
 
 def test_an_unknown_backbone(capsys, tfrecord_data, tmp_path):
-    _fails_in_one_line(capsys, ["--data", str(tfrecord_data), "--job-dir", str(tmp_path / "job"),
-                                "--backbone", "alexnet", *QUICK], "--backbone", "alexnet", "mobilenet_v2")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(tfrecord_data), "--job-dir", str(tmp_path / "job"), "--backbone", "alexnet", *QUICK])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--backbone" in err and "alexnet" in err and "convnext_tiny" in err
 
 
 def test_a_weights_file_that_does_not_fit_the_backbone(capsys, tfrecord_data, tmp_path):
@@ -85,7 +88,8 @@ def test_a_weights_file_that_does_not_exist(capsys, tfrecord_data, tmp_path):
                                 "--weights", str(tmp_path / "missing.weights.h5")], "missing.weights.h5", "no such file")
 
 
-def test_imagenet_weights_offline_name_the_local_alternative(capsys, tfrecord_data, tmp_path):
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "convnext_tiny"])
+def test_imagenet_weights_offline_name_the_local_alternative(capsys, tfrecord_data, tmp_path, backbone):
     try:
         import urllib.request
 
@@ -94,7 +98,8 @@ def test_imagenet_weights_offline_name_the_local_alternative(capsys, tfrecord_da
     except OSError:
         pass
     _fails_in_one_line(capsys, ["--data", str(tfrecord_data), "--job-dir", str(tmp_path / "job"),
-                                "--image-size", "32", "--weights", "imagenet"], "--weights PATH")
+                                "--image-size", "32", "--weights", "imagenet", "--backbone", backbone],
+                       "--weights PATH", backbone)
 
 
 def test_an_unwritable_job_dir(capsys, tfrecord_data, tmp_path):

@@ -13,10 +13,46 @@ from trainer.config import UserError
 SIX = {"mobilenet_v2", "efficientnet_b0", "resnet50", "vgg16", "densenet121", "xception"}
 
 
+CURRENT = ("efficientnet_v2_b0", "efficientnet_v2_s", "convnext_tiny", "mobilenet_v3_large")
+
+
 def test_the_registry_offers_the_six_backbones_by_lower_case_name():
     assert SIX <= set(backbones.REGISTRY)
     with pytest.raises(UserError, match="alexnet"):
         backbones.get_backbone("alexnet")
+
+
+def test_the_cli_choices_are_the_registry():
+    from trainer.config import BACKBONES
+
+    assert list(BACKBONES) == list(backbones.REGISTRY)
+
+
+@pytest.mark.parametrize("name", CURRENT)
+def test_a_current_backbone_groups_its_layers_into_blocks_above_its_stem(name):
+    """The newer keras.applications families: blocks for the fine-tune depth, preprocessing inside the network."""
+    backbone = backbones.get_backbone(name)
+    model = backbone.build((32, 32), None)
+    blocks = backbone.blocks(model)
+    assert len(blocks) >= 15
+    in_blocks = {layer.name for block in blocks for layer in block}
+    stem = [layer.name for layer in model.layers[1:] if layer.name not in in_blocks]
+    assert stem and all("stem" in n or n.startswith(("conv", "activation", "rescaling", "normalization"))
+                        for n in stem), stem
+    assert backbone.preprocess == "none"  # include_preprocessing: the network takes 0-255 pixels itself
+    hypermodel.set_finetune_depth(model, backbone, 1)
+    assert {layer.name for layer in model.layers if layer.trainable and layer.weights} <= {l.name for l in blocks[-1]}
+
+
+@pytest.mark.parametrize("name", CURRENT)
+def test_a_current_backbone_builds_a_classifier_that_trains_a_step(name):
+    backbone = backbones.get_backbone(name)
+    space = hypermodel.resolve_space({"finetune_depth": 1, "dense_layers": 0}, num_blocks=16, num_train=30)
+    model = hypermodel.TransferHyperModel(backbone, None, (32, 32), 3, space, epochs=1).build(kt.HyperParameters())
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    loss = model.train_on_batch(np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32"),
+                                np.array([0, 1, 2, 0]))
+    assert np.isfinite(float(np.asarray(loss).reshape(-1)[0]))
 
 
 @pytest.mark.parametrize("name, module", [("mobilenet_v2", keras.applications.mobilenet_v2),

@@ -216,3 +216,19 @@ def test_an_interrupted_search_resumes_where_it_stopped(tfrecord_data, tmp_path,
     assert "resuming the previous search" in second.stderr
     assert "trial 1 of 3 starting" not in second.stderr
     assert _statuses(tmp_path) == ["COMPLETED"] * 3
+
+
+def test_a_current_backbone_runs_end_to_end_with_random_weights(tfrecord_data, tmp_path):
+    """mobilenet_v3_large, the cheapest of the newer families, from records to an export that answers."""
+    from trainer import data
+    from trainer.export import load_predict_fn
+
+    rc = main(["--data", str(tfrecord_data), "--job-dir", str(tmp_path), "--backbone", "mobilenet_v3_large",
+               "--tuner", "random", "--max-trials", "1",
+               "--search-space", json.dumps({"finetune_depth": [1], "dense_layers": 0}), *QUICK])
+    assert rc == 0
+    best = json.loads((tmp_path / "best_hyperparameters.json").read_text())
+    assert best["values"]["finetune_depth"] == 1
+    images, _ = data.encoded_examples(data.inspect_data(str(tfrecord_data)), "test")
+    probabilities = load_predict_fn(str(tmp_path / "export" / "1"))(images)["probabilities"]
+    assert probabilities.shape == (len(images), 3)

@@ -118,6 +118,15 @@ REGISTRY: dict[str, Backbone] = {
         Backbone("densenet121", "DenseNet121", 224, 32, "torch",
                  r"^(conv1|pool1|conv\d_block\d+|pool\d)_", stem_blocks=("conv1", "pool1")),
         Backbone("xception", "Xception", 299, 71, "tf", r"^(block\d+)_", stem_blocks=("block1",)),
+        # The three families below rescale and normalise inside the network (include_preprocessing=True).
+        Backbone("efficientnet_v2_b0", "EfficientNetV2B0", 224, 32, "none",
+                 r"^(stem|block\d[a-z]|top)_", stem_blocks=("stem",)),
+        Backbone("efficientnet_v2_s", "EfficientNetV2S", 384, 32, "none",
+                 r"^(stem|block\d[a-z]|top)_", stem_blocks=("stem",)),
+        Backbone("convnext_tiny", "ConvNeXtTiny", 224, 32, "none",
+                 r"^convnext_tiny_(prestem|stem|stage_\d+_block_\d+)_?", stem_blocks=("prestem", "stem")),
+        Backbone("mobilenet_v3_large", "MobileNetV3Large", 224, 32, "none",
+                 r"^(expanded_conv(?:_\d+)?|conv_1|conv)(?:_|$)", stem_blocks=("conv",)),
     )
 }
 

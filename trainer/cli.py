@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from trainer.config import DEFAULT_MAX_TRIALS, TUNERS, AugmentConfig, TrainConfig, UserError
+from trainer.config import BACKBONES, DEFAULT_MAX_TRIALS, TUNERS, AugmentConfig, TrainConfig, UserError
 from trainer.quiet import import_tensorflow_quietly
 
 PROG = "tlp-train"
@@ -76,9 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--cache-images", default=None, metavar="memory|PATH",
                     help="also cache decoded images for fine-tuning: in memory or in files at PATH (default: off)")
     model = p.add_argument_group("model")
-    model.add_argument("--backbone", default=d.backbone,
-                       help="mobilenet_v2, efficientnet_b0, resnet50, vgg16, densenet121 or xception "
-                            f"(default {d.backbone})")
+    model.add_argument("--backbone", default=d.backbone, choices=BACKBONES, metavar="NAME",
+                       help=f"{', '.join(BACKBONES)} (default {d.backbone}; docs/trainer.md compares them)")
     model.add_argument("--weights", default=d.weights,
                        help="imagenet (download; needs internet), none (random init, for plumbing tests) "
                             "or PATH to a local .weights.h5 of the backbone without its top (default imagenet)")
