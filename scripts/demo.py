@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from trainer.config import BACKBONES, TUNERS
+
 MODEL_NAME = "classifier"
 
 
@@ -40,7 +42,7 @@ class DemoConfig:
     workdir: str = "demo-output"
     input: str | None = None  # None: generate the sample dataset
     per_class: int = 60
-    image_size: int = 64
+    image_size: int | None = None  # None: 64 px for the generated sample, the backbone's own size for photos
     backbone: str = "mobilenet_v2"
     weights: str = "auto"
     tuner: str = "random"
@@ -150,6 +152,20 @@ def _test_split(data_dir: str) -> list[tuple[str, str, bytes]]:
     return items
 
 
+SAMPLE_IMAGE_SIZE = 64  # the generated shapes need no more, and the demo stays about 3 minutes on 2 cores
+
+
+def demo_image_size(config: DemoConfig) -> int:
+    """``--image-size``, else 64 px for the generated sample and the backbone's own size for a user's photos."""
+    if config.image_size is not None:
+        return config.image_size
+    if config.input is None:
+        return SAMPLE_IMAGE_SIZE
+    from trainer.backbones import get_backbone
+
+    return get_backbone(config.backbone).default_size
+
+
 def run(config: DemoConfig) -> DemoResult:
     py = sys.executable
     workdir = os.path.abspath(config.workdir)
@@ -159,6 +175,7 @@ def run(config: DemoConfig) -> DemoResult:
     job_dir = os.path.join(workdir, "job")
     export_base = os.path.join(job_dir, "export")
     weights = resolve_weights(config.weights, config.backbone)
+    image_size = demo_image_size(config)
 
     if config.input is None:
         _step("1/5 generate a sample dataset")
@@ -169,19 +186,22 @@ def run(config: DemoConfig) -> DemoResult:
                   "--seed", str(config.seed)])
     else:
         _step(f"1/5 use the photos in {images}")
+        if config.image_size is None:
+            print(f"training at {image_size}x{image_size} px, {config.backbone}'s own input size "
+                  f"(the generated sample uses {SAMPLE_IMAGE_SIZE}); --image-size changes it", flush=True)
 
     seconds = {}
     _step("2/5 preprocessing: Beam job -> TFRecords")
     started = time.monotonic()
     _run([py, "-m", "preprocessing", "--input", images, "--output", data_dir,
-          "--image-size", str(config.image_size), "--overwrite"])
+          "--image-size", str(image_size), "--overwrite"])
 
     seconds["preprocessing"] = time.monotonic() - started
     _step("3/5 trainer: Keras Tuner search, final fit, evaluation, export")
     started = time.monotonic()
     _run([py, "-m", "trainer", "--data", data_dir, "--job-dir", job_dir,
           "--backbone", config.backbone, "--weights", weights,
-          "--image-size", str(config.image_size), "--tuner", config.tuner,
+          "--image-size", str(image_size), "--tuner", config.tuner,
           "--max-trials", str(config.max_trials), "--epochs", str(config.epochs),
           "--batch-size", str(config.batch_size), "--seed", str(config.seed), *config.extra_train_args])
 
@@ -260,12 +280,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--input", default=None,
                         help="your own photos: a folder per class, split folders, or a CSV manifest (default: generated sample)")
     parser.add_argument("--per-class", type=int, default=defaults.per_class, help="sample images per class (default %(default)s)")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="image side in pixels (default %(default)s)")
-    parser.add_argument("--backbone", default=defaults.backbone, help="backbone name (default %(default)s)")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size,
+                        help=f"image side in pixels (default: {SAMPLE_IMAGE_SIZE} for the generated sample, the "
+                             "backbone's own size, e.g. 224, for --input)")
+    parser.add_argument("--backbone", default=defaults.backbone, choices=BACKBONES, metavar="NAME",
+                        help=f"{', '.join(BACKBONES)} (default %(default)s)")
     parser.add_argument("--weights", default=defaults.weights,
-                        help="auto, imagenet, none, or a local .weights.h5 file (default %(default)s: ../shared's "
-                             "MobileNetV2 file if present, else imagenet if reachable, else none)")
-    parser.add_argument("--tuner", default=defaults.tuner, help="hyperband, bayesian, random or grid (default %(default)s)")
+                        help="auto, imagenet, none, or a local .weights.h5 file (default %(default)s: a local copy of "
+                             "the ImageNet MobileNetV2 weights where this checkout has one, else imagenet if it can be "
+                             "downloaded, else none)")
+    parser.add_argument("--tuner", default=defaults.tuner, choices=TUNERS, help="search algorithm (default %(default)s)")
     parser.add_argument("--max-trials", type=int, default=defaults.max_trials, help="search trials (default %(default)s)")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per phase (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed)

@@ -35,3 +35,12 @@ def test_a_second_run_of_the_same_command_works(demo, mobilenet_weights):
                            weights=str(mobilenet_weights), tuner="random", max_trials=2, epochs=2, batch_size=16))
     assert len(again.predictions) == len(demo.predictions)
     assert again.version >= demo.version
+
+
+def test_the_demo_trains_a_users_photos_at_the_backbones_own_size():
+    from scripts.demo import SAMPLE_IMAGE_SIZE, demo_image_size
+
+    assert demo_image_size(DemoConfig()) == SAMPLE_IMAGE_SIZE == 64
+    assert demo_image_size(DemoConfig(input="photos/")) == 224
+    assert demo_image_size(DemoConfig(input="photos/", backbone="efficientnet_v2_s")) == 384
+    assert demo_image_size(DemoConfig(input="photos/", image_size=160)) == 160
