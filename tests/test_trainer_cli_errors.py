@@ -185,3 +185,26 @@ def test_image_size_is_width_by_height_in_every_stage():
     from trainer.cli import _image_size as trainer_size
 
     assert preprocessing_size("320x240") == trainer_size("320x240") == (240, 320)
+
+
+@pytest.mark.parametrize("cause, said", [
+    ("dns", "DNS lookup failed"), ("refused", "connection refused"), ("timeout", "no answer within 30 s"),
+    ("http", "HTTP 403 Forbidden")])
+def test_a_failed_weights_download_names_the_real_cause(cause, said):
+    """Keras' get_file raises a bare Exception whose context is the urllib error: read the chain."""
+    import socket
+    import urllib.error
+
+    from trainer.backbones import download_failure
+
+    underlying = {"dns": urllib.error.URLError(socket.gaierror(-2, "Name or service not known")),
+                  "refused": urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),
+                  "timeout": urllib.error.URLError(TimeoutError("timed out")),
+                  "http": urllib.error.HTTPError("https://x/w.h5", 403, "Forbidden", None, None)}[cause]
+    try:
+        try:
+            raise underlying
+        except Exception as error:
+            raise Exception(f"URL fetch failure on https://x/w.h5: {error}")  # as keras.utils.get_file does
+    except Exception as wrapped:  # noqa: BLE001
+        assert said in download_failure(wrapped)

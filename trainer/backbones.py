@@ -145,6 +145,33 @@ def check_image_size(backbone: Backbone, image_size: tuple[int, int]) -> None:
             f"(needs at least {backbone.min_size}x{backbone.min_size})")
 
 
+DOWNLOAD_TIMEOUT_S = 30
+
+
+def download_failure(error: BaseException) -> str:
+    """The real cause of a failed download, from the exception Keras raised and the one it wrapped."""
+    import socket
+    import urllib.error
+
+    chain, seen = [], error
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for item in chain:
+        if isinstance(item, urllib.error.HTTPError):
+            return f"HTTP {item.code} {item.reason}"
+        reason = item.reason if isinstance(item, urllib.error.URLError) else item
+        if isinstance(reason, socket.gaierror):
+            return "DNS lookup failed: no network, or no DNS server answers"
+        if isinstance(reason, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            return f"no answer within {DOWNLOAD_TIMEOUT_S} s"
+        if isinstance(reason, OSError) and reason is not item:
+            return f"{type(reason).__name__}: {reason}"
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:160]}" if str(error) else type(error).__name__
+
+
 def resolve_weights(weights: str, backbone: Backbone) -> str | None:
     """``imagenet`` -> a local file from the Keras cache (downloading if online); ``none`` -> None; else the path.
 
@@ -158,16 +185,22 @@ def resolve_weights(weights: str, backbone: Backbone) -> str | None:
         if not tf.io.gfile.exists(weights):
             raise UserError(f"--weights {weights}: no such file")
         return weights
+    import socket
+
     import keras
 
     constructor: Callable = getattr(keras.applications, backbone.app)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # keras' get_file sets none: offline clusters would hang
     try:
         model = constructor(include_top=False, weights="imagenet",
                             input_shape=(backbone.default_size, backbone.default_size, 3))
     except Exception as error:  # noqa: BLE001 - network failures come in many types
         raise UserError(
             f"--weights imagenet: could not download the {backbone.name} ImageNet weights "
-            f"({type(error).__name__}); offline, pass a local file with --weights PATH") from None
+            f"({download_failure(error)}); offline, pass a local file with --weights PATH") from None
+    finally:
+        socket.setdefaulttimeout(previous)
     cache = os.path.join(os.path.expanduser("~"), ".keras", "models", f"tlp_{backbone.name}_notop.weights.h5")
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     if not os.path.exists(cache):
