@@ -98,6 +98,15 @@ def test_the_exported_model_answers_for_encoded_test_images(searched_job, tfreco
     assert {label.decode() if isinstance(label, bytes) else label for label in out["labels"]} <= set(info.labels)
 
 
+def test_the_export_records_its_upload_decode_and_the_datas_pixel_limit(searched_job, tfrecord_data):
+    from preprocessing.config import DEFAULT_MAX_PIXELS
+    from trainer import data
+
+    export = json.loads((searched_job / "export" / "1" / "assets.extra" / "metadata.json").read_text())["export"]
+    assert export["decode"] == "upright-rgb-v1"
+    assert export["max_pixels"] == data.read_options(str(tfrecord_data)).get("max_pixels", DEFAULT_MAX_PIXELS)
+
+
 def test_rerunning_the_same_command_resumes_without_new_trials(searched_job, tfrecord_data, caplog):
     caplog.set_level("INFO", logger="trainer")
     rc = main(["--data", str(tfrecord_data), "--job-dir", str(searched_job), "--tuner", "random", "--max-trials", "2",

@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="publish even when the gate says no")
     g.add_argument("--no-export", dest="export", action="store_false",
                    help="stop after evaluation (no gate, no SavedModel)")
+    g.add_argument("--max-pixels", type=_positive, default=None, metavar="N",
+                   help="the serving graph refuses uploads with more pixels than this, from their header, before "
+                        "decoding (decompression bombs); recorded in the export's metadata (default: the "
+                        "preprocessing job's --max-pixels, from the data's stats.json)")
     g.add_argument("--export-precision", choices=("float32", "float16"), default=d.export_precision,
                    help="compute dtype of the exported model: float32 whatever the training policy (the default: "
                         "TF Serving's CPU image runs float16 convolutions slowly), or float16 to keep "
@@ -156,7 +160,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         early_stopping_patience=args.patience, mixed_precision=args.mixed_precision, cache_images=args.cache_images,
         finetune_cache=args.finetune_cache, finetune_cache_final=args.finetune_cache_final,
         overwrite=args.overwrite, min_accuracy=args.min_accuracy, force=args.force, cache_dir=args.cache_dir,
-        export=args.export, export_precision=args.export_precision, strategy=args.strategy)
+        export=args.export, export_precision=args.export_precision, max_pixels=args.max_pixels,
+        strategy=args.strategy)
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -68,6 +68,7 @@ class TrainConfig:
     cache_dir: str | None = None
     export: bool = True
     export_precision: str = "float32"  # float32 | float16 (keep the training's mixed_float16 compute)
+    max_pixels: int | None = None  # largest upload the serving graph decodes; None: the data's --max-pixels
     top_k: int = 3
 
     @property

@@ -69,7 +69,7 @@ def inspect_data(data_dir: str, validation_fraction: float = 0.2) -> DataInfo:
     shards = {split: tfrecords.list_shards(data_dir, split) for split in tfrecords.SPLITS}
     if not shards["train"]:
         raise UserError(f"--data {data_dir}: no train shards ({tfrecords.shard_pattern('train')})")
-    options = _read_options(data_dir)
+    options = read_options(data_dir)
     size = options.get("image_size")
     record_size = (int(size[0]), int(size[1])) if size else None
     resize_mode = options.get("resize_mode") or "stretch"
@@ -137,7 +137,8 @@ def corrupt_data_error(data_dir: str, shards: dict[str, list[str]]) -> UserError
                      "re-run preprocessing to rewrite it")
 
 
-def _read_options(data_dir: str) -> dict:
+def read_options(data_dir: str) -> dict:
+    """The preprocessing options recorded in ``DATA/stats.json`` (empty without one)."""
     import tensorflow as tf
 
     path = os.path.join(data_dir, tfrecords.STATS_FILE)

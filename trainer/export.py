@@ -5,8 +5,11 @@ SavedModel whose only signature, ``serving_default``, takes ``image_bytes``
 (DT_STRING ``[-1]``, encoded image files) and returns ``probabilities``
 (float ``[-1, C]``), ``class_ids`` (int64 ``[-1]``), ``labels`` (string
 ``[-1]``) and ``scores`` (float ``[-1]``). Decoding and resizing run inside the
-graph through :func:`preprocessing.tfrecords.decode_and_resize`, the function
-the trainer's input pipeline uses, so serving sees the pixels training saw.
+graph through :func:`preprocessing.graph_decode.decode_and_resize_upload`: the
+original file is normalised as the preprocessing job normalised it (EXIF
+orientation, alpha on white, 8-bit RGB; over ``max_pixels`` refused before
+decoding) and resized as the trainer resizes records, so serving sees the
+pixels training saw.
 
 Besides the graph a version holds ``assets/labels.txt`` (a tracked asset; the
 graph reads its class names from it), ``assets.extra/tf_serving_warmup_requests``
@@ -34,6 +37,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from preprocessing.config import DEFAULT_MAX_PIXELS
+
 SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "image_bytes"
 OUTPUT_NAMES = ("probabilities", "class_ids", "labels", "scores")
@@ -42,6 +47,7 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 METADATA_FILE = "metadata.json"
 ASSETS_EXTRA = "assets.extra"
 DEFAULT_WARMUP_COUNT = 3
+DECODE_VERSION = "upright-rgb-v1"  # metadata marker: the signature normalises uploads (graph_decode)
 
 _VERSION_RE = re.compile(r"^[0-9]+$")
 
@@ -83,11 +89,16 @@ def latest_version(export_base: str) -> int | None:
     return versions[-1] if versions else None
 
 
-def _build_module(model, labels_path: str, image_size: tuple[int, int], resize_mode: str):
-    """A ``tf.Module`` that tracks the model and the labels asset and serves the signature."""
+def _build_module(model, labels_path: str, image_size: tuple[int, int], resize_mode: str, max_pixels: int):
+    """A ``tf.Module`` that tracks the model and the labels asset and serves the signature.
+
+    The signature decodes the client's original file with
+    :func:`preprocessing.graph_decode.decode_and_resize_upload` (records were
+    normalised by the job; uploads are not).
+    """
     import tensorflow as tf
 
-    from preprocessing import tfrecords
+    from preprocessing import graph_decode
 
     height, width = int(image_size[0]), int(image_size[1])
     module = tf.Module()
@@ -107,7 +118,7 @@ def _build_module(model, labels_path: str, image_size: tuple[int, int], resize_m
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
     def serve(image_bytes):
         images = tf.map_fn(
-            lambda encoded: tfrecords.decode_and_resize(encoded, (height, width), resize_mode),
+            lambda encoded: graph_decode.decode_and_resize_upload(encoded, (height, width), resize_mode, max_pixels),
             image_bytes,
             fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
         )
@@ -152,13 +163,15 @@ def _write_warmup(version_dir: str, images: Sequence[bytes]) -> None:
             writer.write(log.SerializeToString())
 
 
-def _keras_probabilities(model, images: Sequence[bytes], image_size, resize_mode) -> np.ndarray:
+def _keras_probabilities(model, images: Sequence[bytes], image_size, resize_mode, max_pixels: int) -> np.ndarray:
+    """The Keras model on ``images`` decoded as the serving signature decodes them (eagerly)."""
     import tensorflow as tf
 
-    from preprocessing import tfrecords
+    from preprocessing import graph_decode
 
     pixels = tf.stack([
-        tfrecords.decode_and_resize(tf.constant(image), image_size, resize_mode) for image in images
+        graph_decode.decode_and_resize_upload(tf.constant(image), image_size, resize_mode, max_pixels)
+        for image in images
     ])
     return np.asarray(model(pixels, training=False), dtype=np.float32)
 
@@ -185,6 +198,7 @@ def export_model(
     version: int | None = None,
     warmup_images: Sequence[bytes] | None = None,
     tolerance: float = 1e-4,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ExportResult:
     """Export ``model`` as ``export_base/<version>`` and return what was published.
 
@@ -195,6 +209,9 @@ def export_model(
     ``tolerance`` (max absolute difference of the probabilities), otherwise
     :class:`ExportError` is raised and nothing is left behind. Warm-up requests
     are built from ``warmup_images`` (default: the first three check images).
+    The signature refuses images over ``max_pixels`` (default: the
+    preprocessing job's ``--max-pixels``) before decoding them; the limit and
+    the decode version are recorded in ``metadata.json``'s ``export`` section.
     """
     import tensorflow as tf
 
@@ -210,6 +227,9 @@ def export_model(
         raise ExportError(f"resize_mode must be one of {tfrecords.RESIZE_MODES}, got {resize_mode!r}")
     if len(image_size) != 2 or min(int(s) for s in image_size) < 1:
         raise ExportError(f"image_size must be (height, width) of positive ints, got {image_size!r}")
+    if int(max_pixels) < 1:
+        raise ExportError(f"max_pixels must be positive, got {max_pixels!r}")
+    max_pixels = int(max_pixels)
     image_size = (int(image_size[0]), int(image_size[1]))
     check_images = [bytes(image) for image in check_images]
     if not check_images:
@@ -234,7 +254,7 @@ def export_model(
     _remove(staging)
     try:
         try:
-            expected = _keras_probabilities(model, check_images, image_size, resize_mode)
+            expected = _keras_probabilities(model, check_images, image_size, resize_mode, max_pixels)
         except Exception as exc:  # noqa: BLE001
             raise ExportError(f"the Keras model failed on the check images: {exc}") from exc
         if expected.ndim != 2 or expected.shape[1] != len(labels):
@@ -245,7 +265,7 @@ def export_model(
         labels_path = os.path.join(staging, LABELS_ASSET)
         with tf.io.gfile.GFile(labels_path, "w") as handle:
             handle.write("\n".join(labels) + "\n")
-        module = _build_module(model, labels_path, image_size, resize_mode)
+        module = _build_module(model, labels_path, image_size, resize_mode, max_pixels)
         tf.saved_model.save(module, tmp_dir,
                             signatures={SIGNATURE_NAME: module.serve.get_concrete_function()})
         _remove(staging)
@@ -276,6 +296,8 @@ def export_model(
                 "labels": labels,
                 "image_size": list(image_size),
                 "resize_mode": resize_mode,
+                "decode": DECODE_VERSION,
+                "max_pixels": max_pixels,
                 "max_abs_diff": max_abs_diff,
                 "tolerance": tolerance,
                 "check_images": len(check_images),

@@ -329,7 +329,8 @@ def _evaluate_gate_export(model, history, info, image_size, backbone_name, best_
                 "eval_split": split, "data": {"dir": config.data_dir, "counts": info.counts, "labels": info.labels}}
     try:
         exported = export_model(model, config.export_dir, labels=info.labels, image_size=image_size,
-                                resize_mode=info.resize_mode, check_images=images[:CHECK_IMAGES], metadata=metadata)
+                                resize_mode=info.resize_mode, check_images=images[:CHECK_IMAGES], metadata=metadata,
+                                max_pixels=_serving_max_pixels(config))
     except ExportError as error:
         raise UserError(f"export to {config.export_dir} failed: {error}") from None
     result["export_version"] = exported.version
@@ -337,6 +338,16 @@ def _evaluate_gate_export(model, history, info, image_size, backbone_name, best_
     log.info("published version %d at %s (max |diff| vs Keras %.2g)", exported.version, exported.path,
              exported.max_abs_diff)
     return result
+
+
+def _serving_max_pixels(config: TrainConfig) -> int:
+    """``--max-pixels``, else the limit preprocessing applied to the training images, else its default."""
+    from preprocessing.config import DEFAULT_MAX_PIXELS
+    from trainer import data
+
+    if config.max_pixels:
+        return config.max_pixels
+    return int(data.read_options(config.data_dir).get("max_pixels") or DEFAULT_MAX_PIXELS)
 
 
 def _gate(score: float, images, labels, label_names, config: TrainConfig) -> tuple[bool, str]:
