@@ -100,6 +100,7 @@ def test_imagenet_weights_offline_name_the_local_alternative(capsys, tfrecord_da
     _fails_in_one_line(capsys, ["--data", str(tfrecord_data), "--job-dir", str(tmp_path / "job"),
                                 "--image-size", "32", "--weights", "imagenet", "--backbone", backbone],
                        "--weights PATH", backbone)
+    assert not (tmp_path / "job").exists(), "a failed run left an empty job folder behind"
 
 
 def test_an_unwritable_job_dir(capsys, tfrecord_data, tmp_path):

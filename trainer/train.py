@@ -56,10 +56,18 @@ def run(config: TrainConfig, placement=None) -> dict:
     goes to a scratch folder that is deleted at the end, and the run stops
     after the retrain (the chief evaluates, gates and exports).
     """
+    import tensorflow as tf
+
     from trainer import distribute
 
     if distribute.writes_shared_outputs(config.strategy):
-        return _named_data_loss(config, lambda: _run(config, placement))
+        existed = tf.io.gfile.exists(config.job_dir)
+        try:
+            return _named_data_loss(config, lambda: _run(config, placement))
+        except BaseException:
+            if not existed:
+                _remove_if_empty(config.job_dir)
+            raise
     import shutil
 
     config, scratch = distribute.scratch_config(config)
@@ -67,6 +75,17 @@ def run(config: TrainConfig, placement=None) -> dict:
         return _named_data_loss(config, lambda: _run(config, placement, chief=False))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _remove_if_empty(job_dir: str) -> None:
+    """A failed run leaves no empty job folder behind (only one it created, and only while empty)."""
+    import tensorflow as tf
+
+    try:
+        if tf.io.gfile.isdir(job_dir) and not tf.io.gfile.listdir(job_dir):
+            tf.io.gfile.rmtree(job_dir)
+    except tf.errors.OpError:
+        pass
 
 
 def _named_data_loss(config: TrainConfig, body):
