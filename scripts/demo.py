@@ -134,6 +134,21 @@ def _run(args: Sequence[str]) -> None:
         raise SystemExit(f"demo: step failed (exit {returncode}): {' '.join(args)}")
 
 
+def _venv_command(name: str) -> str:
+    """``.venv/bin/NAME`` as the person can type it from here: the script beside this interpreter."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else path
+
+
+def photo_path(images: str, source_id: str) -> str:
+    """A record's original photo: its source id is relative to the input folder, or to a manifest's folder."""
+    if os.path.isabs(source_id) or "://" in source_id:
+        return source_id
+    base = images if os.path.isdir(images) else os.path.dirname(os.path.abspath(images))
+    return os.path.join(base, source_id)
+
+
 def _test_split(data_dir: str) -> list[tuple[str, str, bytes]]:
     """(source path, true label, encoded image) of every test record, read back from the TFRecords."""
     import tensorflow as tf
@@ -231,7 +246,7 @@ def run(config: DemoConfig) -> DemoResult:
         items = _test_split(data_dir)
         if not items:
             raise SystemExit(f"demo: the data in {data_dir} has no test split to predict on")
-        paths = [path if os.path.isabs(path) or "://" in path else os.path.join(images, path) for path, _, _ in items]
+        paths = [photo_path(images, path) for path, _, _ in items]
         predictions = client.predict(paths)
         rows = [(path, truth, prediction.label, prediction.score)
                 for (path, truth, _), prediction in zip(items, predictions)]
@@ -266,7 +281,8 @@ def run(config: DemoConfig) -> DemoResult:
     print(f"\nOutputs:\n  TFRecords, labels, stats, errors: {data_dir}"
           f"\n  evaluation (metrics.json, PNGs):  {os.path.join(job_dir, 'eval')}"
           f"\n  SavedModel:                       {os.path.join(export_base, str(version))}"
-          f"\n  TensorBoard:                      tensorboard --logdir {os.path.join(job_dir, 'tensorboard')}")
+          f"\n  TensorBoard:                      {_venv_command('tensorboard')} --logdir "
+          f"{os.path.join(job_dir, 'tensorboard')}")
     return DemoResult(data_dir, job_dir, version, rows, accuracy, record_accuracy, trainer_accuracy, seconds)
 
 

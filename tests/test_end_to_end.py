@@ -44,3 +44,14 @@ def test_the_demo_trains_a_users_photos_at_the_backbones_own_size():
     assert demo_image_size(DemoConfig(input="photos/")) == 224
     assert demo_image_size(DemoConfig(input="photos/", backbone="efficientnet_v2_s")) == 384
     assert demo_image_size(DemoConfig(input="photos/", image_size=160)) == 160
+
+
+def test_the_demo_finds_a_manifests_relative_photos_beside_the_manifest(tmp_path):
+    """A manifest's relative paths start at its folder (as preprocessing reads them), not at the CSV file."""
+    from scripts.demo import photo_path
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\n")
+    assert photo_path(str(manifest), "pics/1.png") == str(tmp_path / "pics" / "1.png")
+    assert photo_path(str(tmp_path), "cat/1.png") == str(tmp_path / "cat" / "1.png")
+    assert photo_path(str(manifest), "/abs/1.png") == "/abs/1.png"
