@@ -137,7 +137,7 @@ def test_hparams_experiment_declares_each_hyperparameter_with_its_domain_and_the
     assert [v.number_value for v in hparams["units"].domain_discrete.values] == [4, 8, 16]
     assert (hparams["learning_rate"].domain_interval.min_value,
             hparams["learning_rate"].domain_interval.max_value) == pytest.approx((1e-3, 1e-1))
-    assert [info.name.tag for info in experiment.metric_infos] == ["val_accuracy", "val_loss"]
+    assert [info.name.tag for info in experiment.metric_infos] == ["score/val_accuracy", "score/val_loss"]
 
 
 def test_each_trial_run_holds_its_hparams_session_and_metric_scalars(search):
@@ -164,6 +164,8 @@ def test_one_hparams_callback_spans_both_fit_phases_of_a_trial(tmp_path):
     assert set(kinds[0].hparams) == {"units"}
     assert [end.status for end in kinds[1:]] == [api_pb2.STATUS_SUCCESS] * 2  # one start, an end per fit
     assert sorted(_scalars(tmp_path, "val_accuracy")) == [1, 2, 3]
+    callback.record_score({"val_accuracy": 0.5, "val_loss": 1.25})  # the epoch early stopping kept, say
+    assert _scalars(tmp_path, "score/val_accuracy") == {3: pytest.approx(0.5)}
 
 
 def test_trial_line_reads_as_progress():

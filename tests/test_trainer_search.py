@@ -77,6 +77,24 @@ def test_tensorboard_has_the_hparams_table_of_every_trial(searched_job):
     assert sessions == 2
 
 
+def test_tensorboard_shows_each_trials_own_score_as_trials_csv_does(searched_job):
+    """Issue: TensorBoard's table read the last epoch's val_accuracy, the log and trials.csv the tuner's score."""
+    import csv
+
+    import tensorflow as tf
+    from tensorboard.backend.event_processing import event_accumulator
+
+    with open(searched_job / "tuner" / "trials.csv") as handle:
+        scores = {row["trial_id"]: float(row["score"]) for row in csv.DictReader(handle)}
+    assert len(scores) == 2
+    for trial_id, score in scores.items():
+        run = searched_job / "tensorboard" / "search" / trial_id / "execution0"
+        accumulator = event_accumulator.EventAccumulator(str(run), size_guidance={"tensors": 0})
+        accumulator.Reload()
+        [event] = accumulator.Tensors("score/val_accuracy")
+        assert float(tf.make_ndarray(event.tensor_proto)) == pytest.approx(score, abs=1e-6)
+
+
 def test_best_hyperparameters_are_the_winning_trials_values_and_score(searched_job):
     best = json.loads((searched_job / "best_hyperparameters.json").read_text())
     trial = json.loads((searched_job / "tuner" / f"trial_{best['trial_id']}" / "trial.json").read_text())
@@ -213,7 +231,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(tfrecord_data, tmp_path,
     first = subprocess.Popen(args, cwd=repo_root, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
         for line in first.stderr:
-            if "trial 1 of 3 done" in line:
+            if "(1 of 3) done" in line:
                 first.send_signal(signal.SIGKILL)
                 break
     finally:
@@ -223,7 +241,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(tfrecord_data, tmp_path,
     second = subprocess.run(args, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resuming the previous search" in second.stderr
-    assert "trial 1 of 3 starting" not in second.stderr
+    assert "(1 of 3) starting" not in second.stderr
     assert _statuses(tmp_path) == ["COMPLETED"] * 3
 
 

@@ -449,6 +449,8 @@ class TransferHyperModel(kt.HyperModel):
             raise DataLoss(error) from None  # the data, not the trial, is broken: stop the search
         for checkpoint in checkpoints:
             model.save_weights(checkpoint.filepath)
+        for logger in hparams:
+            logger.record_score(result)
         return result
 
     def _finetune_data(self, model: keras.Model, backbone_model: keras.Model, depth: int):

@@ -214,7 +214,11 @@ def _hparam(hp_or_name, value=None):
     return hp_api.HParam(str(name))
 
 
-def write_hparams_config(logdir: str, hyperparameters, metrics: Iterable[str] = ("val_accuracy", "val_loss")) -> None:
+SCORE_PREFIX = "score/"
+SCORE_METRICS = (f"{SCORE_PREFIX}val_accuracy", f"{SCORE_PREFIX}val_loss")
+
+
+def write_hparams_config(logdir: str, hyperparameters, metrics: Iterable[str] = SCORE_METRICS) -> None:
     """Write the hparams experiment (its columns) at the top of ``logdir``, once per search.
 
     ``hyperparameters`` is the search space: a ``keras_tuner.HyperParameters``
@@ -234,7 +238,9 @@ def write_hparams_config(logdir: str, hyperparameters, metrics: Iterable[str] = 
                    if not str(name).startswith(TUNER_KEY_PREFIX)]
     writer = tf.summary.create_file_writer(logdir)
     with writer.as_default():
-        hp_api.hparams_config(hparams=columns, metrics=[hp_api.Metric(name, display_name=name) for name in metrics])
+        hp_api.hparams_config(hparams=columns, metrics=[
+            hp_api.Metric(name, display_name=name.removeprefix(SCORE_PREFIX) + (" (score)" if name != name.removeprefix(
+                SCORE_PREFIX) else "")) for name in metrics])
     writer.close()
     log.info("hparams experiment: %d hyperparameters, metrics %s -> %s", len(columns), ", ".join(metrics), logdir)
 
@@ -295,6 +301,23 @@ class HParamsLogger(keras.callbacks.Callback):
         with self._get_writer().as_default():
             end = summary.session_end_pb(api_pb2.STATUS_SUCCESS, end_time_secs=int(time.time()))
             tf.summary.experimental.write_raw_pb(end.SerializeToString(), step=self.epochs_seen)
+        self._writer.close()
+        self._writer = None
+
+
+    def record_score(self, metrics: Mapping[str, float]) -> None:
+        """The tuner's own score of the trial (the metrics ``fit`` returned), as ``score/<name>`` scalars.
+
+        The hparams table shows each metric's latest value; the per-epoch
+        ``val_accuracy`` ends at the last epoch, while the tuner scores the
+        epoch early stopping restored. The table's columns are these tags
+        (:data:`SCORE_METRICS`), so it shows the numbers of the log and trials.csv.
+        """
+        import tensorflow as tf
+
+        with self._get_writer().as_default():
+            for name, value in metrics.items():
+                tf.summary.scalar(f"{SCORE_PREFIX}{name}", float(value), step=self.epochs_seen)
         self._writer.close()
         self._writer = None
 

@@ -54,9 +54,9 @@ class _ProgressMixin:
         number, total = _number(trial), scheduled_trials(self.oracle)
         if isinstance(number, int) and total and number > total:
             log.info("trial %s starting again (it was interrupted; Keras Tuner finishes it even past the %d "
-                     "trials asked for): %s", number, total, values)
+                     "trials asked for): %s", trial.trial_id, total, values)
         else:
-            log.info("trial %s of %s starting: %s", number, total or "?", values)
+            log.info("trial %s (%s of %s) starting: %s", trial.trial_id, number, total or "?", values)
 
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
@@ -74,11 +74,12 @@ class _ProgressMixin:
         score = self.oracle.get_trial(trial.trial_id).score if status == "COMPLETED" else None
         if score is None:
             message = (getattr(trial, "message", None) or "").strip().splitlines()
-            log.warning("trial %s of %s %s after %s%s%s", number, total or "?", status.lower(), _duration(took),
+            log.warning("trial %s (%s of %s) %s after %s%s%s", trial.trial_id, number, total or "?", status.lower(),
+                        _duration(took),
                         f" ({message[-1][:200]})" if message else "", left)
         else:
-            log.info("trial %s of %s done in %s: val_accuracy %.4f%s", number, total or "?", _duration(took), score,
-                     left)
+            log.info("trial %s (%s of %s) done in %s: val_accuracy %.4f%s", trial.trial_id, number, total or "?",
+                     _duration(took), score, left)
         if _is_local_oracle(self.oracle):
             # Rewritten after every trial, so a long or interrupted search keeps its table and times.
             from trainer.reports import write_trials_table
