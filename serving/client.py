@@ -45,7 +45,6 @@ ImageInput = Union[str, os.PathLike, bytes]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-HEALTH_SERVICE = "tensorflow.serving.PredictionService"
 
 
 class ServingClientError(Exception):
@@ -137,7 +136,7 @@ class ClientOptions:
     client_certificate: str | None = None  # PEM, for mutual TLS
     client_key: str | None = None
     labels: tuple[str, ...] | None = None  # class names, if the model has no string output
-    convert_unsupported: bool = True  # send EXIF-rotated JPEGs upright, WebP/TIFF/... as PNG (see to_decodable)
+    normalize_on_client: bool = False  # for exports before the in-graph decode: send JPEGs upright (to_decodable)
 
 
 def _read_pem(path: str | None) -> bytes | None:
@@ -159,25 +158,33 @@ def _text(value) -> str:
 
 
 _JPEG = b"\xff\xd8\xff"
-_DECODABLE = (_JPEG, b"\x89PNG", b"GIF87a", b"GIF89a", b"BM")  # what the serving graph decodes
-
-
+_GRAPH_DECODES = (_JPEG, b"\x89PNG", b"GIF87a", b"GIF89a", b"BM")  # and WebP (RIFF....WEBP)
 _EXIF_ORIENTATION = 0x0112
 
 
-def to_decodable(data: bytes) -> bytes:
-    """``data`` as the serving graph should see it, as preprocessing saw the training images.
+def _graph_decodes(data: bytes) -> bool:
+    return data.startswith(_GRAPH_DECODES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
-    Unchanged if it is a JPEG/PNG/GIF/BMP without an EXIF rotation. The serving
-    graph decodes with ``tf.io.decode_image``, which knows only those four
-    formats and ignores EXIF orientation; preprocessing reads everything with
-    Pillow and applies the orientation. So a JPEG whose EXIF says "rotated"
-    (most phone photos), and any other format Pillow reads (WebP, TIFF...),
-    is sent upright and re-encoded losslessly as PNG. Undecodable bytes are
-    sent as they are and the server answers INVALID_ARGUMENT.
+
+def to_decodable(data: bytes, normalize: bool = False) -> bytes:
+    """``data`` as it should travel to the serving graph.
+
+    JPEG, PNG, GIF, BMP and WebP go untouched: the serving graph of an export
+    made by this project (``decode: upright-rgb-v1`` in its metadata) applies
+    EXIF orientation, composites alpha on white and converts colour modes
+    itself, as preprocessing did for the training images, so every client
+    gets the same answer for the same bytes. Other formats Pillow reads
+    (TIFF...) are sent upright as lossless PNG, since no serving graph decodes
+    them. ``normalize`` (``--normalize-on-client``) is for exports made before
+    that: it also sends EXIF-rotated JPEGs and WebP upright as PNG, as those
+    graphs ignore EXIF. Bytes Pillow cannot read either are sent as they are,
+    and the server answers INVALID_ARGUMENT with the decoder's reason.
     """
+    graph_decodes = _graph_decodes(data)
+    if graph_decodes and not normalize:
+        return data
     jpeg = data.startswith(_JPEG)
-    if data.startswith(_DECODABLE) and not jpeg:
+    if graph_decodes and not jpeg and not data.startswith(b"RIFF"):
         return data  # PNG, GIF, BMP: no EXIF orientation to apply
     try:
         import io
@@ -198,15 +205,15 @@ def to_decodable(data: bytes) -> bytes:
         return data
 
 
-def read_image(item: ImageInput, convert: bool = True) -> tuple[str, bytes]:
-    """``(source, bytes)`` of a path or of raw bytes (see :func:`to_decodable` for ``convert``)."""
+def read_image(item: ImageInput, normalize: bool = False) -> tuple[str, bytes]:
+    """``(source, bytes)`` of a path or of raw bytes, as :func:`to_decodable` sends them."""
     if isinstance(item, (bytes, bytearray, memoryview)):
         source, data = f"<{len(item)} bytes>", bytes(item)
     else:
         source = os.fspath(item)
         with open(source, "rb") as handle:
             data = handle.read()
-    return source, to_decodable(data) if convert else data
+    return source, to_decodable(data, normalize)
 
 
 class PredictionClient:
@@ -314,9 +321,20 @@ class PredictionClient:
     def wait_until_ready(self, timeout: float = 60.0) -> None:
         """Block until the server serves a version of the model; raise TimeoutError otherwise.
 
-        Asks the gRPC health service first (the development server and any
-        server behind a health-checking proxy); TF Serving itself has none, so
-        UNIMPLEMENTED falls back to GetModelStatus showing a version AVAILABLE.
+        Works against TF Serving with and without ``--enable_grpc_healthcheck_service``
+        (and the development server with and without ``--enable-grpc-healthcheck-service``):
+
+        * with the flag, ``grpc.health.v1`` answers for ``""``, ``ModelService``
+          and ``PredictionService`` (TF Serving's model_servers/server.cc); this
+          asks for ``PredictionService`` and waits while it is NOT_SERVING
+          (starting, draining);
+        * without it the health service is UNIMPLEMENTED, and a server that
+          registers other names answers NOT_FOUND: either way the health
+          service is skipped from then on.
+
+        The model is ready once GetModelStatus shows a version of it
+        AVAILABLE - also checked when health says SERVING, since TF Serving's
+        health status covers the server, not one model.
         """
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -329,17 +347,18 @@ class PredictionClient:
             remaining = max(0.1, min(2.0, deadline - time.monotonic()))
             try:
                 if use_health:
-                    reply = health.Check(health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), timeout=remaining)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                    last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-                else:
-                    if any(s.state == "AVAILABLE" for s in self.status()):
-                        return
-                    last = "no version AVAILABLE"
+                    reply = health.Check(health_pb2.HealthCheckRequest(service="PredictionService"),
+                                         timeout=remaining)
+                    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                        last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                        time.sleep(0.2)
+                        continue
+                if any(s.state == "AVAILABLE" for s in self.status()):
+                    return
+                last = "no version AVAILABLE"
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    use_health = False
+                if use_health and exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND):
+                    use_health = False  # no health service, or not under this name: GetModelStatus decides
                     continue
                 last = f"{exc.code().name}: {exc.details()}"
             except ServingClientError as exc:
@@ -392,7 +411,7 @@ class PredictionClient:
 
     def predict(self, images: Iterable[ImageInput]) -> list[Prediction]:
         """Classify images (paths or encoded bytes), ``batch_size`` per request, in order."""
-        items = [read_image(item, self.options.convert_unsupported) for item in images]
+        items = [read_image(item, self.options.normalize_on_client) for item in images]
         _, probs_name, label_name = self.resolve_signature()
         known = self.options.labels
         results: list[Prediction] = []
@@ -477,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=ClientOptions().batch_size,
                          help="images per request (default: %(default)s)")
     predict.add_argument("--labels", help="labels.txt naming the classes, for models without a labels output")
+    predict.add_argument("--normalize-on-client", action="store_true",
+                         help="for models exported before the serving graph applied EXIF orientation itself "
+                              "(no 'decode' in their assets.extra/metadata.json): send EXIF-rotated JPEGs and "
+                              "WebP upright as PNG. Newer exports take every client's bytes untouched")
     for name, text in (("metadata", "print the model's signatures (GetModelMetadata)"),
                        ("status", "print the model's version states (GetModelStatus)")):
         sub = commands.add_parser(name, help=text)
@@ -494,6 +517,7 @@ def _options(args) -> ClientOptions:
         version=args.version, version_label=args.label, signature_name=args.signature, timeout=args.timeout,
         retries=args.retries, max_message_bytes=args.max_message_bytes,
         batch_size=getattr(args, "batch_size", ClientOptions().batch_size),
+        normalize_on_client=getattr(args, "normalize_on_client", False),
         tls=bool(args.tls or args.ca_cert or args.client_cert), root_certificates=args.ca_cert,
         client_certificate=args.client_cert, client_key=args.client_key, labels=labels)
 

@@ -192,8 +192,14 @@ class LoadedVersion:
         try:
             outputs = self._functions[name](**feed)
         except tf.errors.OpError as exc:
-            raise ServingError(_TF_CODES.get(exc.error_code, grpc.StatusCode.UNKNOWN),
-                               exc.message.strip().splitlines()[0] if exc.message else str(exc)) from exc
+            # The op's own reason ("image too large ...", "Unknown image file format ..."), without
+            # TF's "Graph execution error" frame, traceback, node names and "assertion failed: [...]".
+            lines = [re.sub(r"^(\{\{function_node [^}]*\}\}\s*)+|\s*\[Op:[^\]]*\]( name:.*)?$", "", line.strip())
+                     for line in (exc.message or str(exc)).splitlines()]
+            noise = ("Graph execution error", "Detected at node", "File ", "[[", "<stack traces")
+            reasons = [line for line in lines if line and not line.startswith(noise)]
+            reason = re.sub(r"^assertion failed: \[(.*)\]$", r"\1", reasons[0] if reasons else str(exc))
+            raise ServingError(_TF_CODES.get(exc.error_code, grpc.StatusCode.UNKNOWN), reason) from exc
         except (TypeError, ValueError) as exc:
             raise invalid(str(exc).strip().splitlines()[0]) from exc
         return {alias: value.numpy() for alias, value in outputs.items()}
@@ -262,6 +268,10 @@ class ModelManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned_empty = False
+        # Labels as configured; self.labels holds those in effect (a label moves only once its version is
+        # AVAILABLE, see _move_labels). _poll_lock serialises polls of the base path and config changes.
+        self._wanted_labels: dict[str, int] = dict(self.labels)
+        self._poll_lock = threading.Lock()
 
     # -- queries -------------------------------------------------------------------------------
     def available_versions(self) -> list[int]:
@@ -269,17 +279,18 @@ class ModelManager:
             return sorted(self._available)
 
     def states(self) -> dict[int, VersionState]:
+        """Every version's state, newest first (as TF Serving's ServableStateMonitor orders them)."""
         with self._lock:
-            return dict(sorted(self._states.items()))
+            return dict(sorted(self._states.items(), reverse=True))
 
     def resolve(self, name: str, version: int | None = None, label: str | None = None) -> LoadedVersion:
         """The version a request's model spec asks for, or TF Serving's NOT_FOUND/INVALID_ARGUMENT."""
-        if label is not None and label != "":
-            if name == self.name and label in self.labels:
-                version = self.labels[label]
-            else:
-                raise invalid(f"Unrecognized servable version label: {label}")
-        with self._lock:
+        with self._lock:  # the label and the version map are read together: a label move is atomic
+            if label is not None and label != "":
+                if name == self.name and label in self.labels:
+                    version = self.labels[label]
+                else:
+                    raise invalid(f"Unrecognized servable version label: {label}")
             if name == self.name:
                 if version is None and self._available:
                     return self._available[max(self._available)]
@@ -349,6 +360,43 @@ class ModelManager:
 
     def poll(self) -> bool:
         """Look at the base path once, load and unload per the policy; True if anything changed."""
+        with self._poll_lock:
+            return self._poll()
+
+    def apply_config(self, policy: "VersionPolicy", labels: dict[str, int]) -> dict[str, int]:
+        """Serve ``policy`` and ``labels`` (a re-read model config) without failing a request.
+
+        Newly listed versions are loaded and warmed up first; then the labels
+        move, all at once, each only to a version that is AVAILABLE (a label
+        whose new version could not be loaded stays where it was while that
+        version is still loaded); then versions neither the policy nor a label
+        names are unloaded (requests in flight keep their version until they
+        finish). Returns the labels now in effect.
+        """
+        with self._poll_lock:
+            self.policy = policy
+            self._wanted_labels = dict(labels)
+            self._poll()
+            with self._lock:
+                return dict(self.labels)
+
+    def _move_labels(self) -> bool:
+        """Point the labels in effect at the wanted versions that are AVAILABLE; True if any moved."""
+        with self._lock:
+            current, moved = dict(self.labels), {}
+            for label, version in self._wanted_labels.items():
+                old = current.get(label)
+                if version in self._available or old is None or old not in self._available:
+                    moved[label] = version  # a new label may name a version still loading (TF Serving's flag)
+                else:
+                    moved[label] = old
+                    log.warning("label %s of model %s stays at version %d: version %d is not available",
+                                label, self.name, old, version)
+            changed = moved != current
+            self.labels = moved
+        return changed
+
+    def _poll(self) -> bool:
         found = self._candidates()
         for version, mtime in list(self._failed.items()):
             if version not in found or self._mtime(found[version]) != mtime:
@@ -366,8 +414,12 @@ class ModelManager:
         if not found and not self._warned_empty:
             log.warning("no versions of model %s found under %s yet (waiting for one)", self.name, self.base_path)
             self._warned_empty = True
+        if self._move_labels():
+            changed = True
         available = set(self.available_versions())
         keep = set(desired) & available
+        with self._lock:  # never unload a version a label still points to
+            keep |= set(self.labels.values()) & available
         if keep:
             for version in sorted(available - keep):
                 self._unload(version)

@@ -1,19 +1,28 @@
-"""TF Serving's REST API (the parts a client of an image classifier uses).
+"""TF Serving's REST API (the parts a client of an image classifier uses), as TF Serving answers it.
 
 * ``GET  /v1/models/NAME[/versions/N|/labels/L]`` - model status
-  (``{"model_version_status": [...]}``);
+  (``{"model_version_status": [...]}``, newest version first; a label does
+  not narrow the list, as in TF Serving);
 * ``GET  /v1/models/NAME[/versions/N|/labels/L]/metadata`` - the signature defs;
 * ``POST /v1/models/NAME[/versions/N|/labels/L]:predict`` - row format
   ``{"instances": [...]}`` answered with ``{"predictions": [...]}``, or
   columnar ``{"inputs": ...}`` answered with ``{"outputs": ...}``. Binary
   values travel as ``{"b64": "..."}``; outputs whose name ends in ``_bytes``
-  come back that way, other strings as text;
-* ``GET  /monitoring/prometheus/metrics`` - Prometheus exposition.
+  come back that way, other strings as text. ``:classify`` and ``:regress``
+  are parsed and checked as TF Serving checks them, but not run;
+* ``GET  /monitoring/prometheus/metrics`` - Prometheus exposition (see
+  :mod:`serving.metrics`).
 
-Errors are ``{"error": "message"}`` with the HTTP status TF Serving maps the
-gRPC code to (400 for INVALID_ARGUMENT and FAILED_PRECONDITION, 404 for
-NOT_FOUND, 503 for UNAVAILABLE...). Built on the standard library's
-``ThreadingHTTPServer``: one thread per connection, enough for development.
+The URL grammar is TF Serving's (``http_rest_api_util.cc``): the regular
+expressions match the whole path including any query string, ignore case,
+and take no trailing slash; any other path under ``/v1/`` (or another method)
+is ``400 {"error": "Malformed request: METHOD PATH"}``, a path outside ``/v1/``
+is 404. Request bodies with ``Content-Encoding: gzip`` are inflated first, as
+TF Serving's net_http does. Errors are ``{"error": "message"}`` with the HTTP
+status TF Serving maps the gRPC code to (400 for INVALID_ARGUMENT and
+FAILED_PRECONDITION, 404 for NOT_FOUND, 503 for UNAVAILABLE...). Built on the
+standard library's ``ThreadingHTTPServer``: one thread per connection, enough
+for development.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import base64
 import json
 import logging
 import re
+import urllib.parse
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
@@ -30,16 +41,36 @@ import numpy as np
 from serving import tensors
 from serving.errors import ServingError, invalid
 from serving.metrics import PROMETHEUS_PATH
-from serving.models import STATE_NAMES
-from serving.service import ServingCore, Spec
+from serving.models import DEFAULT_SIGNATURE
+from serving.service import SIGNATURE_DEF_FIELD, ServingCore, Spec
 
 log = logging.getLogger("serving.rest")
 
-_PATH = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)"
-    r"(?:/versions/(?P<version>[0-9]+)|/labels/(?P<label>[^/:]+))?"
-    r"(?:(?P<metadata>/metadata)|:(?P<verb>[a-z]+))?/?$")
+# TF Serving's paths (model_servers/http_rest_api_util.cc, http_rest_api_handler.h), matched as RE2::FullMatch
+# matches them: whole path (with its query string), case-insensitive ((?i)), \d as ASCII digits.
+_DISPATCH = re.compile(r"/v1/.*", re.IGNORECASE)
+_PREDICTION_PATH = re.compile(
+    r"/v1/models/([^/:]+)(?:(?:/versions/([0-9]+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)", re.IGNORECASE)
+_STATUS_PATH = re.compile(
+    r"/v1/models(?:/([^/:]+))?(?:(?:/versions/([0-9]+))|(?:/labels/([^/:]+)))?(?:/(metadata))?", re.IGNORECASE)
+_INT64_MAX = 2**63 - 1
 _MAX_BODY = 256 * 1024 * 1024
+_MAX_UNCOMPRESSED = 100 * 1024 * 1024  # net_http's ZLib::kMaxUncompressedBytes
+
+
+def _always_print_option() -> dict:
+    """TF Serving prints with always_print_fields_with_no_presence; the keyword's name depends on protobuf."""
+    import inspect
+
+    from google.protobuf import json_format
+
+    names = inspect.signature(json_format.MessageToDict).parameters
+    if "always_print_fields_with_no_presence" in names:  # protobuf >= 5.26
+        return {"always_print_fields_with_no_presence": True}
+    return {"including_default_value_fields": True}
+
+
+_ALWAYS_PRINT = _always_print_option()
 
 
 def _decode_value(value):
@@ -138,6 +169,108 @@ def _outputs_to_json(outputs: dict[str, np.ndarray], row_format: bool):
     return {"predictions": [{alias: values[alias][i] for alias in values} for i in range(rows)]}
 
 
+class _Route:
+    """What TF Serving's ParseModelInfo makes of a request's method and path (http_rest_api_util.cc)."""
+
+    def __init__(self, method: str, path: str):
+        self.method, self.path = method, path
+        self.ok = False
+        self.name = self.label = self.verb = self.subresource = ""
+        self.version: int | None = None
+        self.error: ServingError | None = None  # a parse error: TF Serving answers it with an empty body
+        match = None
+        if method == "POST":
+            match = _PREDICTION_PATH.fullmatch(path)
+            if match:
+                self.name, version, label, self.verb = (g or "" for g in match.groups())
+        elif method == "GET":
+            match = _STATUS_PATH.fullmatch(path)
+            if match:
+                self.name, version, label, self.subresource = (g or "" for g in match.groups())
+        self.ok = match is not None
+        if not self.ok:
+            return
+        self.name = _unescape(self.name)
+        if version:
+            self.version = int(version)
+            if self.version > _INT64_MAX:  # absl::SimpleAtoi into int64_t fails
+                self.version = None
+                self.error = invalid(f"Failed to convert version: {version} to numeric.")
+                return
+        if label:
+            self.label = _unescape(label)
+
+    def spec(self, signature_name: str = "") -> Spec:
+        return Spec(name=self.name, version=self.version, label=self.label or None, signature_name=signature_name)
+
+
+def _unescape(text: str) -> str:
+    """``curl_easy_unescape``: %XX sequences decoded, ``+`` left alone."""
+    return urllib.parse.unquote_to_bytes(text).decode("utf-8", errors="replace")
+
+
+def _debug_json(value, indent: int = 0) -> str:
+    """A JSON value as TF Serving quotes it in errors (rapidjson PrettyWriter, single-line arrays)."""
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        pad = " " * (indent + 4)
+        items = [f"{pad}{json.dumps(k, ensure_ascii=False)}: {_debug_json(v, indent + 4)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_debug_json(v, indent) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _parse_json(raw: bytes):
+    """The request body as TF Serving's ParseJson reads it (json_tensor.cc): a JSON object, else INVALID_ARGUMENT."""
+    if not raw:
+        raise invalid("JSON Parse error: The document is empty")
+    try:
+        text = raw.decode("utf-8")
+        start = len(text) - len(text.lstrip(" \t\r\n"))
+        if start == len(text):
+            raise invalid(f"JSON Parse error: The document is empty. at offset: {start}")
+        body, _ = json.JSONDecoder().raw_decode(text, start)  # kParseStopWhenDoneFlag: trailing text ignored
+    except UnicodeDecodeError as exc:
+        raise invalid(f"JSON Parse error: Invalid encoding in string. at offset: {exc.start}") from exc
+    except json.JSONDecodeError as exc:
+        raise invalid(f"JSON Parse error: {_RAPIDJSON_MESSAGES.get(exc.msg, 'Invalid value.')} "
+                      f"at offset: {exc.pos}") from exc
+    if not isinstance(body, dict):
+        raise invalid(f"JSON Value: {_debug_json(body)} Is not object")
+    if "signature_name" in body and not isinstance(body["signature_name"], str):
+        raise invalid(f"JSON Value: {_debug_json(body)} not formatted correctly. "
+                      "'signature_name' key must be a string value.")
+    return body
+
+
+_RAPIDJSON_MESSAGES = {  # Python's json messages -> rapidjson's GetParseError_En
+    "Expecting value": "Invalid value.",
+    "Expecting property name enclosed in double quotes": "Missing a name for object member.",
+    "Expecting ':' delimiter": "Missing a colon after a name of object member.",
+    "Unterminated string starting at": "Missing a closing quotation mark in string.",
+    "Invalid control character at": "Invalid encoding in string.",
+    "Invalid \\escape": "Invalid escape character in string.",
+}
+
+
+def _gunzip(raw: bytes) -> bytes:
+    """net_http's auto-uncompress: the whole body, up to 100 MiB; anything it cannot inflate reads as empty."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(raw, _MAX_UNCOMPRESSED + 1)
+    except zlib.error:
+        return b""
+    if len(body) > _MAX_UNCOMPRESSED or not inflater.eof:
+        return b""
+    return body
+
+
+_NOT_FOUND_PAGE = (b"<HTML><HEAD>\n<TITLE>404 Not Found</TITLE>\n</HEAD><BODY>\n<H1>Not Found</H1>\n"
+                   b"</BODY></HTML>\n")
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "tlp-serving"
     protocol_version = "HTTP/1.1"
@@ -146,95 +279,198 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # route http.server's access log to logging at DEBUG
         log.debug("%s %s", self.address_string(), fmt % args)
 
-    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+    def _send(self, status: int, body: bytes, content_type: str | None = "application/json") -> None:
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
+        if content_type:
+            self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _json(self, status: int, payload) -> None:
-        self._send(status, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
+        self._send(status, (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
     def _error(self, exc: ServingError) -> None:
-        self._json(exc.http_status, {"error": exc.message})
+        # MakeJsonFromStatus: rapidjson's PrettyWriter (4 spaces), UTF-8 as is, no final newline.
+        self._send(exc.http_status, json.dumps({"error": exc.message}, indent=4, ensure_ascii=False).encode("utf-8"))
 
     def do_GET(self):  # noqa: N802
-        if self.path.split("?")[0] == PROMETHEUS_PATH:
-            body, content_type = self.core.metrics.exposition()
-            self._send(200, body, content_type)
-            return
         self._route("GET")
 
     def do_POST(self):  # noqa: N802
         self._route("POST")
 
+    def do_PUT(self):  # noqa: N802
+        self._route("PUT")
+
+    def do_DELETE(self):  # noqa: N802
+        self._route("DELETE")
+
+    def do_PATCH(self):  # noqa: N802
+        self._route("PATCH")
+
+    def do_HEAD(self):  # noqa: N802
+        self._route("HEAD")
+
+    def do_OPTIONS(self):  # noqa: N802
+        self._route("OPTIONS")
+
+    def _body(self) -> bytes | None:
+        """The request body, gunzipped when Content-Encoding says gzip; None once a too-large body was answered."""
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > _MAX_BODY:
+            self._error(ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"Request body of {length} bytes is too large"))
+            self.close_connection = True
+            return None
+        raw = self.rfile.read(length) if length else b""
+        if raw and "gzip" in (self.headers.get("Content-Encoding") or ""):  # absl::StrContains: case-sensitive
+            raw = _gunzip(raw)
+        return raw
+
     def _route(self, method: str) -> None:
-        match = _PATH.match(self.path.split("?")[0])
-        if method == "POST":
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > _MAX_BODY:
-                self._error(ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"Request body of {length} bytes is too large"))
-                self.close_connection = True
-                return
-            raw = self.rfile.read(length) if length else b""
-        ok_get = match and method == "GET" and not match["verb"]
-        ok_post = match and method == "POST" and match["verb"] and not match["metadata"]
-        if not (ok_get or ok_post):
-            self._error(invalid(f"Malformed request: {method} {self.path}") if match else
-                        ServingError(grpc.StatusCode.NOT_FOUND, f"Malformed request: {method} {self.path}"))
+        raw = self._body()
+        if raw is None:
             return
-        spec = Spec(name=match["name"], version=int(match["version"]) if match["version"] else None,
-                    label=match["label"])
+        path = self.path  # TF Serving matches uri_path(): the path with its ?query and #fragment
+        if path.split("?")[0].split("#")[0] == PROMETHEUS_PATH:
+            self._prometheus(path)
+        elif not _DISPATCH.fullmatch(path):
+            self._send(404, _NOT_FOUND_PAGE, "text/html; charset=ISO-8859-1")  # no handler: libevent's page
+        elif method == "OPTIONS":
+            self._preflight()
+        else:
+            self._api(method, path, raw)
+
+    def _prometheus(self, path: str) -> None:
+        if path != PROMETHEUS_PATH:  # http_server.cc ProcessPrometheusRequest
+            self._send(400, f"Unexpected path: {path}. Should be {PROMETHEUS_PATH}".encode("utf-8"), "text/plain")
+            return
+        body, content_type = self.core.metrics.exposition()
+        self._send(200, body, content_type)
+
+    def _preflight(self) -> None:
+        """A CORS preflight (http_server.cc): OK with an Origin header naming http(s)://, else 400; no body."""
         try:
-            if method == "GET" and match["metadata"]:
-                self._json(200, self._metadata(spec))
-            elif method == "GET":
-                self._json(200, self._status(spec))
-            elif match["verb"] == "predict":
-                self._json(200, self._predict(spec, raw))
-            else:
-                raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
-                                   f"The development server supports :predict only, not :{match['verb']}")
+            with self.core.track("", "", "REST"):
+                if not re.search("https?://", self.headers.get("Origin") or ""):
+                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       "Origin header is missing in CORS preflight")
         except ServingError as exc:
-            self._error(exc)
+            self._send(exc.http_status, b"", None)
+            return
+        self._send(200, b"", None)
+
+    def _api(self, method: str, path: str, raw: bytes) -> None:
+        """HttpRestApiHandler::ProcessRequest: parse the path, dispatch, answer JSON (errors as {"error": ...})."""
+        route = _Route(method, path)
+        try:
+            with self.core.track(route.name, route.verb, "REST"):
+                payload = self._dispatch(route, raw)
+        except ServingError as exc:
+            if exc is route.error:  # ParseModelInfo failed: TF Serving returns before writing any JSON
+                self._send(exc.http_status, b"")
+            else:
+                self._error(exc)
+            return
         except Exception as exc:  # noqa: BLE001
-            log.exception("REST %s %s failed", method, self.path)
-            self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
+            log.exception("REST %s %s failed", method, path)
+            self._error(ServingError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            return
+        self._json(200, payload)
+
+    def _dispatch(self, route: _Route, raw: bytes) -> dict:
+        if route.error is not None:
+            raise route.error
+        if route.ok and route.method == "POST":
+            if route.verb == "predict":  # the verbs compare case-sensitively although the regex ignores case
+                return self._predict(route, raw)
+            if route.verb in ("classify", "regress"):
+                return self._classify_or_regress(route, raw)
+        elif route.ok and route.method == "GET":
+            if route.subresource == "metadata":
+                return self._metadata(route.spec())
+            return self._status(route.spec())
+        raise invalid(f"Malformed request: {route.method} {route.path}")
 
     def _status(self, spec: Spec) -> dict:
-        with self.core.track(spec.name, "GetModelStatus", "REST"):
-            states = self.core.status(spec)
-        return {"model_version_status": [
-            {"version": str(version), "state": STATE_NAMES.get(state.state, "UNKNOWN"),
-             "status": {"error_code": state.error_code.name, "error_message": state.error_message}}
-            for version, state in states]}
+        from google.protobuf import json_format
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        if not spec.name:
+            raise invalid("Missing model name in request.")
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for version, state in self.core.status(spec):
+            entry = response.model_version_status.add()
+            entry.version = version
+            entry.state = state.state
+            entry.status.error_code = state.error_code.value[0]
+            entry.status.error_message = state.error_message
+        return json_format.MessageToDict(response, **_ALWAYS_PRINT)
 
     def _metadata(self, spec: Spec) -> dict:
         from google.protobuf import json_format
+        from tensorflow_serving.apis import model_pb2
 
-        with self.core.track(spec.name, "GetModelMetadata", "REST"):
-            loaded, signature_map = self.core.metadata(spec, ["signature_def"])
-        signature = json_format.MessageToDict(signature_map, preserving_proto_field_name=True)
-        signature["@type"] = "type.googleapis.com/tensorflow.serving.SignatureDefMap"
-        return {"model_spec": {"name": loaded.name, "signature_name": "", "version": str(loaded.version)},
-                "metadata": {"signature_def": signature}}
+        if not spec.name:
+            raise invalid("Missing model name in request.")
+        loaded, signature_map = self.core.metadata(spec, [SIGNATURE_DEF_FIELD])
+        model_spec = model_pb2.ModelSpec(name=loaded.name)
+        model_spec.version.value = loaded.version
+        # http_rest_api_util.cc ToJsonString: both printed with always-print and proto field names, the
+        # SignatureDefMap unpacked from its Any (so no "@type").
+        return {"model_spec": json_format.MessageToDict(model_spec, preserving_proto_field_name=True, **_ALWAYS_PRINT),
+                "metadata": {"signature_def": json_format.MessageToDict(
+                    signature_map, preserving_proto_field_name=True, **_ALWAYS_PRINT)}}
 
-    def _predict(self, spec: Spec, raw: bytes) -> dict:
-        with self.core.track(spec.name, "Predict", "REST"):
-            try:
-                body = json.loads(raw.decode("utf-8") or "null")
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise invalid(f"JSON Parse error: {exc}") from exc
-            if isinstance(body, dict) and "signature_name" in body:
-                if not isinstance(body["signature_name"], str):
-                    raise invalid("'signature_name' key must be a string value.")
-                spec = Spec(spec.name, spec.version, spec.label, body["signature_name"])
-            loaded = self.core.manager.resolve(spec.name, spec.version, spec.label)
-            signature = loaded.signature(spec.signature_name)
-            inputs, row_format = _inputs_from_json(body, signature)
-            _, _, outputs = self.core.predict(spec, inputs, loaded=loaded)
+    def _signature(self, route: _Route, body: dict):
+        """The version and SignatureDef a REST call names (HttpRestApiHandler::GetInfoMap)."""
+        spec = route.spec(body.get("signature_name", ""))
+        loaded = self.core.manager.resolve(spec.name, spec.version, spec.label)
+        key = spec.signature_name or DEFAULT_SIGNATURE
+        if key not in loaded.signature_defs:
+            raise invalid(f'Serving signature name: "{key}" not found in signature def')
+        return spec, loaded, loaded.signature_defs[key]
+
+    def _predict(self, route: _Route, raw: bytes) -> dict:
+        body = _parse_json(raw)
+        spec, loaded, _ = self._signature(route, body)
+        signature = loaded.signature(spec.signature_name)
+        inputs, row_format = _inputs_from_json(body, signature)
+        _, _, outputs = self.core.predict(spec, inputs, loaded=loaded)
         return _outputs_to_json(outputs, row_format)
+
+    def _classify_or_regress(self, route: _Route, raw: bytes) -> dict:
+        """``:classify``/``:regress``: checked as TF Serving checks them; the development server runs neither.
+
+        The body must hold a non-empty ``examples`` list (json_tensor.cc), the
+        servable and the signature must exist (classifier.cc, regressor.cc),
+        and the signature's method_name must be classify (regress), as with
+        ``--enable_signature_method_name_check``; a signature that passes is
+        answered UNIMPLEMENTED (501).
+        """
+        body = _parse_json(raw)
+        examples = body.get("examples")
+        if "examples" not in body:
+            raise invalid(f"JSON Value: {_debug_json(body)} When method is classify, key 'examples' is expected "
+                          "and was not found")  # TF Serving says "classify" for :regress too
+        if not isinstance(examples, list):
+            raise invalid(f"JSON Value: {_debug_json(body)} Expecting 'examples' value to be an list/array")
+        if not examples:
+            raise invalid(f"JSON Value: {_debug_json(body)} 'examples' value is an empty array")
+        spec = route.spec(body.get("signature_name", ""))
+        loaded = self.core.manager.resolve(spec.name, spec.version, spec.label)
+        key = spec.signature_name or DEFAULT_SIGNATURE
+        if key not in loaded.signature_defs:
+            raise invalid(f"No signature was found with the name: {key}")
+        kind, method_name = (("classification", "tensorflow/serving/classify") if route.verb == "classify"
+                             else ("regression", "tensorflow/serving/regress"))
+        if loaded.signature_defs[key].method_name != method_name:
+            raise invalid(f"Expected {kind} signature method_name to be {method_name}. "
+                          f"Was: {loaded.signature_defs[key].method_name}")
+        raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
+                           f"The development server does not run :{route.verb}; use :predict")
 
 
 def make_rest_server(core: ServingCore, host: str, port: int) -> ThreadingHTTPServer:

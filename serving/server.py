@@ -7,9 +7,11 @@ unchanged:
 
 * ``tensorflow.serving.PredictionService``: ``Predict`` and ``GetModelMetadata``;
   ``tensorflow.serving.ModelService``: ``GetModelStatus``;
-* ``grpc.health.v1.Health``: SERVING for ``""``, ``tensorflow.serving.PredictionService``
-  and ``tensorflow.serving.ModelService`` once a version is loaded (what a
-  Kubernetes ``grpc`` probe asks); NOT_SERVING while draining;
+* ``grpc.health.v1.Health`` with ``--enable-grpc-healthcheck-service`` (off by
+  default, as TF Serving's ``--enable_grpc_healthcheck_service``): the names
+  TF Serving registers, ``""``, ``ModelService`` and ``PredictionService``
+  (short names, see ``HEALTH_SERVICES``), SERVING once a version is loaded;
+  NOT_SERVING while draining; NOT_FOUND for any other name;
 * REST on ``--rest-port``: ``/v1/models/NAME[/versions/N|/labels/L][/metadata|:predict]``
   and Prometheus metrics at ``/monitoring/prometheus/metrics``.
 
@@ -26,12 +28,16 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 
 log = logging.getLogger("serving.server")
 
-HEALTH_SERVICES = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+# What tensorflow_model_server --enable_grpc_healthcheck_service answers (model_servers/server.cc): gRPC's
+# default health service ("" for the whole server) plus SetServingStatus("ModelService") and
+# SetServingStatus("PredictionService") - the short names, not the fully-qualified service names.
+HEALTH_SERVICES = ("", "ModelService", "PredictionService")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,9 @@ class ServerConfig:
     model_base_path: str  # "" takes base_path from model_config_file
     model_name: str = "classifier"
     model_config_file: str | None = None  # TF Serving's models.config: base path, version policy, labels
+    # Re-read model_config_file this often and apply label/version-policy changes; 0 reads it once at start
+    # (TF Serving's --model_config_file_poll_wait_seconds, same default).
+    model_config_file_poll_wait_seconds: float = 0.0
     host: str = "127.0.0.1"
     port: int = 8500  # 0 picks a free port
     rest_port: int = 8501  # 0 picks a free port; -1 turns REST (and metrics) off
@@ -60,7 +69,7 @@ class ServerConfig:
     ssl_client_ca_file: str | None = None  # PEM; when set, clients must present a certificate it signed
     drain_seconds: float = 30.0
     warmup: bool = True
-    health_service: bool = True  # False behaves like TF Serving, which has no grpc.health.v1
+    health_service: bool = False  # grpc.health.v1, as TF Serving's --enable_grpc_healthcheck_service (off)
 
     def model_settings(self) -> tuple[str, str, str, dict[str, int]]:
         """(name, base path, version policy, labels): the flags, filled in from ``model_config_file``.
@@ -177,6 +186,10 @@ def _servicers(core):
     class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         def GetModelStatus(self, request, context):  # noqa: N802
             def run():
+                if not request.HasField("model_spec"):  # get_model_status_impl.cc
+                    from serving.errors import invalid
+
+                    raise invalid("Missing ModelSpec")
                 response = get_model_status_pb2.GetModelStatusResponse()
                 for version, state in core.status(_spec(request.model_spec)):
                     status = response.model_version_status.add()
@@ -221,7 +234,6 @@ class ModelServer:
 
         def on_change(manager):
             versions = manager.available_versions()
-            self.metrics.available_versions.labels(manager.name).set(len(versions))
             if versions and self.port is not None and versions[-1] != self._announced:
                 log.info("now serving model %s version %d (loaded: %s)", manager.name, versions[-1],
                          ", ".join(map(str, versions)))
@@ -236,6 +248,13 @@ class ModelServer:
             poll_seconds=cfg.file_system_poll_wait_seconds, warmup=cfg.warmup, on_change=on_change)
         self.core = ServingCore(self.manager, self.metrics, cfg.batching())
         self.manager.start()
+        # (monotonic time, phase, labels, versions): "start", then "applying"/"applied" per config change.
+        self.config_events: list[tuple[float, str, dict, list]] = [
+            (time.monotonic(), "start", dict(self.manager.labels), self.manager.available_versions())]
+        if cfg.model_config_file and cfg.model_config_file_poll_wait_seconds > 0:
+            self._config_thread = threading.Thread(target=self._watch_config, args=((name, base_path, policy, labels),),
+                                                   name="watch-model-config", daemon=True)
+            self._config_thread.start()
 
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -274,6 +293,50 @@ class ModelServer:
         else:
             log.info("listening on %s; no version of model %s yet, watching %s", where, name, base_path)
         return self
+
+    def _watch_config(self, settings: tuple) -> None:
+        """Re-read --model-config-file every poll interval; apply label and version-policy changes.
+
+        As TF Serving's --model_config_file_poll_wait_seconds, but a config that
+        fails to parse is logged and the previous one kept, and a label moves
+        only once its new version is loaded and warmed up (ModelManager.apply_config),
+        so no request fails. The base path and model name are read once at start.
+        """
+        from serving.models import VersionPolicy
+
+        cfg = self.config
+        last = settings
+        while not self._stopped.wait(cfg.model_config_file_poll_wait_seconds):
+            try:
+                name, base_path, policy, labels = cfg.model_settings()
+                parsed = VersionPolicy.parse(policy)
+            except Exception as exc:  # noqa: BLE001 - a bad edit must not take the server down
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if ("error", message) != last:
+                    log.error("model config %s not applied, keeping the previous one: %s",
+                              cfg.model_config_file, message)
+                last = ("error", message)
+                continue
+            if (name, base_path, policy, labels) == last:
+                continue
+            if last[0] != "error" and (name, base_path) != tuple(last[:2]):
+                log.warning("model config %s changes the model name or base path (%s at %s): that needs a "
+                            "restart; applying its version policy and labels only", cfg.model_config_file,
+                            name, base_path)
+            self.config_events.append((time.monotonic(), "applying", dict(labels), []))
+            log.info("model config %s changed: applying version policy %s, labels %s", cfg.model_config_file,
+                     policy, labels)
+            try:
+                effective = self.manager.apply_config(parsed, labels)
+            except Exception:  # noqa: BLE001
+                log.exception("applying model config %s failed", cfg.model_config_file)
+                continue
+            versions = self.manager.available_versions()
+            self.config_events.append((time.monotonic(), "applied", effective, versions))
+            log.info("model config applied: labels %s, loaded versions %s%s", effective,
+                     ", ".join(map(str, versions)) or "none",
+                     "" if effective == labels else f" (wanted labels {labels}: see the warnings above)")
+            last = (name, base_path, policy, labels)
 
     def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, refuse new requests, finish those in flight, release everything."""
@@ -320,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config-file",
                    help="TF Serving models.config (e.g. serving/config/models.config): version policy, labels, "
                         "and the base path unless --model-base-path is given")
+    p.add_argument("--model-config-file-poll-wait-seconds", type=float,
+                   default=d.model_config_file_poll_wait_seconds,
+                   help="re-read --model-config-file this often and apply label and version-policy changes "
+                        "(a label moves once its version is loaded); 0 reads it once (default: %(default)s)")
     p.add_argument("--model-name", default=d.model_name, help="name clients ask for (default: %(default)s)")
     p.add_argument("--host", default=d.host, help="address to bind (default: %(default)s; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=d.port, help="gRPC port, 0 for any free (default: %(default)s)")
@@ -348,8 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="do not replay assets.extra/tf_serving_warmup_requests")
+    p.add_argument("--enable-grpc-healthcheck-service", dest="health_service", action="store_true",
+                   default=d.health_service,
+                   help="answer grpc.health.v1 for \"\", ModelService and PredictionService, as TF Serving's "
+                        "--enable_grpc_healthcheck_service (default: off, as TF Serving)")
     p.add_argument("--no-health-service", dest="health_service", action="store_false",
-                   help="do not answer grpc.health.v1 (as TF Serving does not), to test clients against that")
+                   help=argparse.SUPPRESS)  # the former opt-out; the service is now off unless enabled
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -357,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         model_base_path=args.model_base_path, model_name=args.model_name,
-        model_config_file=args.model_config_file, host=args.host, port=args.port,
+        model_config_file=args.model_config_file,
+        model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds, host=args.host, port=args.port,
         rest_port=args.rest_port, model_version_policy=args.model_version_policy,
         version_labels=dict(args.version_label), file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
         enable_batching=args.enable_batching or bool(args.batching_parameters_file),
@@ -374,6 +446,8 @@ def _check(config: ServerConfig) -> None:
 
     if config.model_config_file and not os.path.isfile(config.model_config_file):
         raise ValueError(f"--model-config-file {config.model_config_file} not found")
+    if config.model_config_file_poll_wait_seconds < 0:
+        raise ValueError("--model-config-file-poll-wait-seconds must be 0 (read once) or more")
     if not config.model_base_path and not config.model_config_file:
         raise ValueError("give --model-base-path (or a --model-config-file naming a base_path)")
     _, base_path, policy, _ = config.model_settings()

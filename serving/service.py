@@ -78,9 +78,9 @@ class ServingCore:
         return True
 
     def _batcher_factory(self, run_fn, label: str) -> Batcher:
-        name = self.manager.name
+        # TF Serving's batching_session counts each batch run (wrapped_run_count); it has no batch-size metric.
         return Batcher(run_fn, self.batching, label,
-                       on_batch=lambda rows: self.metrics.batch_size.labels(name).observe(rows))
+                       on_batch=lambda rows: self.metrics.wrapped_run_count.labels().inc())
 
     def predict(self, spec: Spec, inputs: dict[str, np.ndarray], output_filter=(),
                 loaded: LoadedVersion | None = None) -> tuple[LoadedVersion, str, dict]:
@@ -95,7 +95,9 @@ class ServingCore:
         signature_name = spec.signature_name or DEFAULT_SIGNATURE
         wanted = loaded.validate(signature_name, inputs, output_filter)
         batcher = loaded.batcher(signature_name, self._batcher_factory) if self.batching is not None else None
+        started = time.perf_counter()
         outputs = batcher.submit(inputs) if batcher is not None else loaded.run(signature_name, inputs)
+        self.metrics.observe_run(spec.name, "Predict", time.perf_counter() - started)  # TF Serving: runtime_latency
         return loaded, signature_name, {alias: outputs[alias] for alias in wanted}
 
     def metadata(self, spec: Spec, fields) -> tuple[LoadedVersion, object]:
@@ -117,19 +119,20 @@ class ServingCore:
         return loaded, signature_map
 
     def status(self, spec: Spec) -> list[tuple[int, VersionState]]:
-        """Version states as GetModelStatus reports them (all versions, or the one asked for)."""
-        if not spec.name:
-            raise invalid("Missing ModelSpec")
+        """Version states as GetModelStatus reports them: the version asked for, else all, newest first.
+
+        As TF Serving's get_model_status_impl.cc: only ``version`` narrows the
+        answer; a ``version_label`` is not resolved (nor checked), so a label
+        route lists every version; versions come newest first (the state
+        monitor's map is ordered by ``std::greater``). The caller checks that a
+        model spec was given (``Missing ModelSpec``).
+        """
         states = self.manager.states() if spec.name == self.manager.name else {}
-        if spec.label:
-            if spec.label not in self.manager.labels or spec.name != self.manager.name:
-                raise invalid(f"Unrecognized servable version label: {spec.label}")
-            spec = Spec(spec.name, self.manager.labels[spec.label])
         if spec.version is not None:
             if spec.version not in states:
                 raise not_found(f"Could not find version {spec.version} of model {spec.name}")
             return [(spec.version, states[spec.version])]
         if not states:
             raise not_found(f"Could not find any versions of model {spec.name}")
-        return sorted(states.items())
+        return sorted(states.items(), reverse=True)
 

@@ -18,7 +18,6 @@ from k8s_support import (
     find_prefixed,
     flag,
     labels_match,
-    pinned_dependency,
     render,
 )
 
@@ -146,10 +145,21 @@ def test_prometheus_scrapes_the_path_monitoring_config_enables_on_the_rest_port(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_server_is_the_official_image_at_the_version_of_the_serving_api(overlay):
+def test_the_server_is_the_pinned_official_tf_serving_release(overlay):
+    """The newest TF Serving release that exists (2.20.0; there is no 2.21.0 image), whatever the client pins."""
+    from serving import TF_SERVING_IMAGE
+
     _, _, _, container = serving(overlay)
-    assert container["image"] in (f"tensorflow/serving:{pinned_dependency('tensorflow-serving-api')}",
-                                  f"tensorflow/serving:{pinned_dependency('tensorflow-serving-api')}-gpu")
+    assert container["image"] in (TF_SERVING_IMAGE, f"{TF_SERVING_IMAGE}-gpu")
+
+
+def test_the_docs_name_the_same_tf_serving_image():
+    from serving import TF_SERVING_IMAGE
+
+    for doc in ("serving/config/README.md", "docs/kubernetes.md", "README.md"):
+        text = (REPO_ROOT / doc).read_text()
+        tags = set(re.findall(r"tensorflow/serving:([0-9][0-9.]*[0-9])", text))
+        assert tags <= {TF_SERVING_IMAGE.split(":")[1]}, (doc, tags)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

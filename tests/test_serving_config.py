@@ -23,8 +23,9 @@ def test_models_config_is_a_model_server_config_for_the_classifier():
     config = text_format.Parse((CONFIG / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
     [model] = config.model_config_list.config
     assert (model.name, model.base_path, model.model_platform) == ("classifier", "/models/classifier", "tensorflow")
-    assert model.model_version_policy.WhichOneof("policy_choice") == "latest"
-    assert model.model_version_policy.latest.num_versions == 2
+    # serving.release rewrites it: exactly the labelled versions are served (a new export changes nothing).
+    assert model.model_version_policy.WhichOneof("policy_choice") == "specific"
+    assert sorted(model.model_version_policy.specific.versions) == [1, 2]
     assert dict(model.version_labels) == {"stable": 1, "canary": 2}
 
 

@@ -54,12 +54,14 @@ def _code(stub_call, request):
     return info.value.code(), info.value.details()
 
 
-def test_health_service_reports_serving_for_the_services_a_probe_asks_about(grpc_target):
-    with grpc.insecure_channel(grpc_target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
-            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+def test_health_service_reports_serving_for_the_names_tf_serving_registers(exported_base):
+    """With the flag on, the names tensorflow_model_server registers (model_servers/server.cc) are SERVING."""
+    with start_server(exported_base, rest_port=-1, health_service=True) as server:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "ModelService", "PredictionService"):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
 
 
 def test_predict_returns_label_score_and_probabilities_of_the_savedmodel(client, split_images, expected_outputs):
@@ -259,16 +261,17 @@ def test_the_client_retries_unavailable_and_then_reports_it():
     assert info.value.code == "UNAVAILABLE"
 
 
-def test_the_client_does_not_retry_a_client_error(grpc_target, serving_server):
-    def not_found_count():
-        return serving_server.metrics.request_count.labels("nope", "NOT_FOUND")._value.get()
-
-    before = not_found_count()
+def test_the_client_does_not_retry_a_client_error(grpc_target, serving_server, monkeypatch):
+    # TF Serving's request_count leaves GetModelStatus out, so count the calls the server sees.
+    calls = []
+    observe = serving_server.metrics.observe
+    monkeypatch.setattr(serving_server.metrics, "observe",
+                        lambda name, api, *rest: (calls.append((name, api)), observe(name, api, *rest)))
     with PredictionClient(grpc_target, "nope", retries=3) as client:
         with pytest.raises(ServingClientError) as info:
             client.status()
     assert info.value.code == "NOT_FOUND"
-    assert not_found_count() == before + 1
+    assert calls.count(("nope", "GetModelStatus")) == 1
 
 
 def test_a_full_batching_queue_is_unavailable_and_the_server_recovers(exported_base, split_images):

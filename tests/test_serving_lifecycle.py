@@ -44,7 +44,7 @@ def test_a_new_version_appearing_mid_load_is_swapped_in_with_zero_failed_request
             time.sleep(0.2)
             export_tiny(model, labels, tmp_path, images)  # version 2, published while requests flow
             with PredictionClient(target) as client:
-                swapped = _wait_for(lambda: client.status() == [VersionStatus(1, "END"), VersionStatus(2, "AVAILABLE")])
+                swapped = _wait_for(lambda: client.status() == [VersionStatus(2, "AVAILABLE"), VersionStatus(1, "END")])
             time.sleep(0.3)
         finally:
             stop.set()
@@ -66,8 +66,8 @@ def test_a_folder_that_is_not_a_savedmodel_is_logged_skipped_and_reported(tiny_m
             with PredictionClient(f"127.0.0.1:{server.port}") as client:
                 statuses = client.status()
                 assert client.predict(split_images["test"][:1])[0].model_version == 1
-    assert [(s.version, s.state) for s in statuses] == [(1, "AVAILABLE"), (2, "END")]
-    assert statuses[1].error_code == "UNKNOWN" and statuses[1].error_message
+    assert [(s.version, s.state) for s in statuses] == [(2, "END"), (1, "AVAILABLE")]  # newest first, as TF Serving
+    assert statuses[0].error_code == "UNKNOWN" and statuses[0].error_message
     assert any("skipping model classifier version 2" in r.getMessage() for r in caplog.records)
 
 
@@ -124,9 +124,9 @@ def test_sigterm_drains_the_request_in_flight_then_exits_zero(tiny_model, split_
 def test_a_server_started_before_any_export_becomes_ready_when_the_first_version_lands(tiny_model, split_images,
                                                                                         tmp_path):
     model, labels = tiny_model
-    with start_server(tmp_path, rest_port=-1) as server:
+    with start_server(tmp_path, rest_port=-1, health_service=True) as server:
         with PredictionClient(f"127.0.0.1:{server.port}", retries=0) as client:
-            with pytest.raises(TimeoutError, match="NOT_SERVING"):
+            with pytest.raises(TimeoutError, match="NOT_SERVING"):  # health: NOT_SERVING until a version loads
                 client.wait_until_ready(timeout=0.5)
             export_tiny(model, labels, tmp_path, split_images["test"][:2])
             client.wait_until_ready(timeout=30)

@@ -44,7 +44,7 @@ def test_model_metadata_has_the_signature_def_map(rest):
     assert status == 200
     assert body["model_spec"] == {"name": "classifier", "signature_name": "", "version": "1"}
     signature_map = body["metadata"]["signature_def"]
-    assert signature_map["@type"] == "type.googleapis.com/tensorflow.serving.SignatureDefMap"
+    assert "@type" not in signature_map  # TF Serving unpacks the Any (http_rest_api_util.cc)
     assert signature_map["signature_def"]["serving_default"]["inputs"]["image_bytes"]["dtype"] == "DT_STRING"
 
 
@@ -76,7 +76,7 @@ def test_predict_columnar_inputs_answer_outputs(rest, split_images, expected_out
     ("/v1/models/nope:predict", {"instances": [{"b64": ""}]}, None, 404, "Servable not found for request: Latest(nope)"),
     ("/v1/models/classifier/versions/9", None, None, 404, "Could not find version 9 of model classifier"),
     ("/v1/models/classifier:predict", {"signature_name": "nope", "instances": [{"b64": ""}]}, None, 400,
-     'Serving signature key "nope" not found.'),
+     'Serving signature name: "nope" not found in signature def'),
     ("/v1/models/classifier:predict", {"instances": [{"b64": base64.b64encode(b"junk").decode()}]}, None, 400, None),
     ("/v1/models/classifier:predict", None, b"{not json", 400, None),
     ("/v1/models/classifier:predict", {"rows": []}, None, 400, "Missing 'inputs' or 'instances' key"),
@@ -95,6 +95,7 @@ def test_prometheus_metrics_count_requests_by_model_and_status(rest):
     rest("/v1/models/nope")
     status, text = rest("/monitoring/prometheus/metrics")
     assert status == 200
-    assert ':tensorflow:serving:request_count_total{model_name="classifier",status="OK"}' in text
-    assert ':tensorflow:serving:request_count_total{model_name="nope",status="NOT_FOUND"}' in text
+    assert ':tensorflow:serving:request_count{model_name="classifier",status="OK"}' in text
+    assert ':tensorflow:serving:request_count{model_name="nope",status="NOT_FOUND"}' in text
     assert ":tensorflow:serving:request_latency_bucket{" in text
+    assert "_total" not in text
