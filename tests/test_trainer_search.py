@@ -168,7 +168,7 @@ def test_a_change_of_any_setting_that_alters_trials_is_refused_naming_old_and_ne
         assert difference in err
 
 
-def test_the_data_digest_changes_when_the_data_folder_is_preprocessed_again(tfrecord_data, tmp_path):
+def test_the_data_digest_follows_the_datas_content_not_the_run_that_wrote_it(tfrecord_data, tmp_path):
     import shutil
 
     from trainer.search import data_digest
@@ -178,7 +178,10 @@ def test_the_data_digest_changes_when_the_data_folder_is_preprocessed_again(tfre
     before = data_digest(str(copy))
     assert before == data_digest(str(tfrecord_data))
     stats = json.loads((copy / "stats.json").read_text())
-    stats["preprocessed_again"] = True
+    stats["run"] = {"started_at": "later", "seconds": 12.5}  # the same command run again
+    (copy / "stats.json").write_text(json.dumps(stats))
+    assert data_digest(str(copy)) == before
+    stats["written"] = {"train": 1}  # other photos
     (copy / "stats.json").write_text(json.dumps(stats))
     assert data_digest(str(copy)) != before
 

@@ -178,10 +178,12 @@ def search_identity(config: TrainConfig, space: dict, image_size, weights_id: st
 
 
 def data_digest(data_dir: str) -> str:
-    """sha256 of ``labels.txt`` and ``stats.json`` (or, without it, of the shard names and sizes).
+    """sha256 of ``labels.txt`` and ``stats.json``'s content (or, without it, of the shard names and sizes).
 
-    Re-running preprocessing into the same folder changes ``stats.json`` (its
-    counts, sizes and times), so a search never resumes onto other records.
+    ``stats.json``'s counts per split and class, source sizes and options
+    change when the folder is rewritten from other photos or options; its
+    run times (``run``) and metrics check (``cross_check``) are left out, so
+    re-running the same preprocessing command keeps the same digest.
     """
     import hashlib
 
@@ -190,14 +192,22 @@ def data_digest(data_dir: str) -> str:
     from preprocessing import tfrecords
 
     digest = hashlib.sha256()
-    for name in (tfrecords.LABELS_FILE, "stats.json"):
-        path = os.path.join(data_dir, name)
-        if tf.io.gfile.exists(path):
-            with tf.io.gfile.GFile(path, "rb") as handle:
-                digest.update(name.encode() + b"\0" + handle.read())
-        elif name == "stats.json":
-            for shard in sorted(tf.io.gfile.glob(os.path.join(data_dir, "*.tfrecord*"))):
-                digest.update(f"{os.path.basename(shard)}:{tf.io.gfile.stat(shard).length}".encode())
+    labels = os.path.join(data_dir, tfrecords.LABELS_FILE)
+    if tf.io.gfile.exists(labels):
+        with tf.io.gfile.GFile(labels, "rb") as handle:
+            digest.update(handle.read())
+    stats = os.path.join(data_dir, tfrecords.STATS_FILE)
+    if tf.io.gfile.exists(stats):
+        with tf.io.gfile.GFile(stats, "rb") as handle:
+            try:
+                content = json.loads(handle.read())
+            except ValueError:
+                content = {}
+        content = {k: v for k, v in content.items() if k not in ("run", "cross_check")}
+        digest.update(json.dumps(content, sort_keys=True).encode())
+    else:
+        for shard in sorted(tf.io.gfile.glob(os.path.join(data_dir, "*.tfrecord*"))):
+            digest.update(f"{os.path.basename(shard)}:{tf.io.gfile.stat(shard).length}".encode())
     return digest.hexdigest()[:16]
 
 
