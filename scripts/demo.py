@@ -105,7 +105,7 @@ def _step(title: str) -> None:
 
 # TensorFlow's C++ start-up chatter (absl INFO lines) ignores TF_CPP_MIN_LOG_LEVEL since TF 2.16; the demo hides it.
 _NOISE = re.compile(r"^(I\d{4} \d\d:\d\d:|WARNING: All log messages before absl::InitializeLog|"
-                    r"E\d{4} .*(cuInit|cuda_platform)|To enable the following instructions: AVX|"
+                    r"E\d{4} .*(cuInit|cuda_platform|oneDNN supports DT_UINT8)|To enable the following instructions: AVX|"
                     r"WARNING:root:apitools not found)")
 
 
