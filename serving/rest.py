@@ -295,27 +295,6 @@ class _Handler(BaseHTTPRequestHandler):
         # MakeJsonFromStatus: rapidjson's PrettyWriter (4 spaces), UTF-8 as is, no final newline.
         self._send(exc.http_status, json.dumps({"error": exc.message}, indent=4, ensure_ascii=False).encode("utf-8"))
 
-    def do_GET(self):  # noqa: N802
-        self._route("GET")
-
-    def do_POST(self):  # noqa: N802
-        self._route("POST")
-
-    def do_PUT(self):  # noqa: N802
-        self._route("PUT")
-
-    def do_DELETE(self):  # noqa: N802
-        self._route("DELETE")
-
-    def do_PATCH(self):  # noqa: N802
-        self._route("PATCH")
-
-    def do_HEAD(self):  # noqa: N802
-        self._route("HEAD")
-
-    def do_OPTIONS(self):  # noqa: N802
-        self._route("OPTIONS")
-
     def _body(self) -> bytes | None:
         """The request body, gunzipped when Content-Encoding says gzip; None once a too-large body was answered."""
         length = int(self.headers.get("Content-Length") or 0)
@@ -471,6 +450,12 @@ class _Handler(BaseHTTPRequestHandler):
                           f"Was: {loaded.signature_defs[key].method_name}")
         raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
                            f"The development server does not run :{route.verb}; use :predict")
+
+
+# http.server dispatches METHOD to do_METHOD; every method goes through the one router, as TF Serving's does.
+for _method in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"):
+    setattr(_Handler, f"do_{_method}", lambda self, method=_method: self._route(method))
+del _method
 
 
 def make_rest_server(core: ServingCore, host: str, port: int) -> ThreadingHTTPServer:
