@@ -20,7 +20,7 @@ import re  # noqa: E402
 import sys  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from preprocessing import tfrecords  # noqa: E402
+from preprocessing import add_version_flag, tfrecords  # noqa: E402
 from preprocessing.config import DEFAULT_MAX_PIXELS, PreprocessConfig, parse_image_size, parse_split  # noqa: E402
 from preprocessing.errors import PreprocessingError  # noqa: E402
 from preprocessing import worker  # noqa: E402  (its log format, shared with the Beam workers)
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--progress-seconds", type=float, default=_DEFAULTS.progress_seconds, metavar="S",
                         help="seconds between progress lines; 0 turns them off (default %(default)s)")
     parser.add_argument("--verbose", action="store_true", help="Beam's own logs, and full tracebacks on failure")
+    add_version_flag(parser)
     return parser
 
 

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from preprocessing import add_version_flag
 from trainer.config import BACKBONES, TUNERS
 
 MODEL_NAME = "classifier"
@@ -309,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-trials", type=int, default=defaults.max_trials, help="search trials (default %(default)s)")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per phase (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    add_version_flag(parser)
     args = parser.parse_args(argv)
     config = dataclasses.replace(defaults, workdir=args.workdir, input=args.input, per_class=args.per_class,
                                  image_size=args.image_size, backbone=args.backbone, weights=args.weights,

@@ -466,7 +466,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default="127.0.0.1:8500", help="HOST:PORT of the gRPC API (default: %(default)s)")
     parser.add_argument("--model", default="classifier", help="model name (default: %(default)s)")
     pick = parser.add_mutually_exclusive_group()
-    pick.add_argument("--version", type=int, help="ask for this version (default: the latest served)")
+    pick.add_argument("--model-version", type=int, metavar="N",
+                      help="ask for this model version (default: the latest served)")
     pick.add_argument("--label", help="ask for the version with this label, e.g. stable or canary")
     parser.add_argument("--signature", default=d.signature_name, help="signature name (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=d.timeout, help="deadline per attempt, s (default: %(default)s)")
@@ -481,12 +482,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from preprocessing import add_version_flag
+
     parser = argparse.ArgumentParser(
         prog="python -m serving.client",
         description="Query an image classifier served by TF Serving (gRPC). Without a command, "
                     "classifies IMAGES_OR_FOLDERS (the 'predict' command).",
         epilog="examples: python -m serving.client --server 127.0.0.1:8500 --model classifier photos/ | "
                "python -m serving.client status --server 127.0.0.1:8500")
+    add_version_flag(parser)
     commands = parser.add_subparsers(dest="command", metavar="{predict,metadata,status}")
     predict = commands.add_parser("predict", help="classify images (the default command)")
     _common(predict)
@@ -514,7 +518,7 @@ def _options(args) -> ClientOptions:
         with open(args.labels, encoding="utf-8") as handle:
             labels = tuple(line.strip() for line in handle if line.strip())
     return ClientOptions(
-        version=args.version, version_label=args.label, signature_name=args.signature, timeout=args.timeout,
+        version=args.model_version, version_label=args.label, signature_name=args.signature, timeout=args.timeout,
         retries=args.retries, max_message_bytes=args.max_message_bytes,
         batch_size=getattr(args, "batch_size", ClientOptions().batch_size),
         normalize_on_client=getattr(args, "normalize_on_client", False),
@@ -576,7 +580,7 @@ def _run(args) -> int:
 
 def _command_first(argv: list[str]) -> list[str]:
     """Put the command first (``--server H:P status`` works too); no command means ``predict``."""
-    if not argv or argv[0] in COMMANDS or argv[0] in ("-h", "--help"):
+    if not argv or argv[0] in COMMANDS or argv[0] in ("-h", "--help", "--version"):
         return argv
     probe = argparse.ArgumentParser(add_help=False)
     _common(probe)

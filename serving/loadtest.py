@@ -142,6 +142,8 @@ def run_load(images: Sequence[bytes], config: LoadTestConfig, stop: threading.Ev
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from preprocessing import add_version_flag
+
     d = LoadTestConfig()
     p = argparse.ArgumentParser(prog="python -m serving.loadtest",
                                 description="Bounded gRPC Predict load test: throughput, p50/p95/p99 latency, "
@@ -156,10 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many seconds at most (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=d.timeout, help="deadline per request, s (default: %(default)s)")
     pick = p.add_mutually_exclusive_group()
-    pick.add_argument("--version", type=int, help="model version to ask for")
+    pick.add_argument("--model-version", type=int, help="model version to ask for")
     pick.add_argument("--label", help="version label to ask for")
     p.add_argument("--signature", default=d.signature, help="signature name (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_version_flag(p)
     return p
 
 
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = LoadTestConfig(server=args.server, model=args.model, concurrency=args.concurrency,
                                 requests=args.requests, batch=args.batch, duration=args.duration,
-                                timeout=args.timeout, version=args.version, label=args.label,
+                                timeout=args.timeout, version=args.model_version, label=args.label,
                                 signature=args.signature)
         paths = expand_images(args.images)
         if not paths:

@@ -461,6 +461,8 @@ def cmd_rollback(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from preprocessing import add_version_flag
+
     parser = argparse.ArgumentParser(
         prog="python -m serving.release",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -474,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  tlp-release rollback --model-config-file models.config --server 127.0.0.1:8500\n"
                "Exit status: 0 done (or staged), 2 a mistake or a refused release (one line on stderr), "
                "1 a server did not load the version.")
+    add_version_flag(parser)
     commands = parser.add_subparsers(dest="command", metavar="{status,promote,rollback}")
 
     def common(sub):

@@ -374,6 +374,8 @@ def _label(text: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from preprocessing import add_version_flag
+
     d = ServerConfig(model_base_path="")
     p = argparse.ArgumentParser(
         prog="python -m serving.server",
@@ -422,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-health-service", dest="health_service", action="store_false",
                    help=argparse.SUPPRESS)  # the former opt-out; the service is now off unless enabled
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_version_flag(p)
     return p
 
 

@@ -79,7 +79,7 @@ def test_loadtest_counts_failures_by_status_code(grpc_target, image_dir, tmp_pat
 
 
 def test_loadtest_reports_a_model_it_cannot_reach_in_one_line(grpc_target, image_dir, capsys):
-    assert loadtest_cli.main(["--server", grpc_target, "--version", "9", "--requests", "3", str(image_dir)]) == 1
+    assert loadtest_cli.main(["--server", grpc_target, "--model-version", "9", "--requests", "3", str(image_dir)]) == 1
     assert capsys.readouterr().err.strip() == (
         f"error: {grpc_target}: NOT_FOUND: Servable not found for request: Specific(classifier, 9)")
 

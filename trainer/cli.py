@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from preprocessing import add_version_flag
 from trainer.config import BACKBONES, DEFAULT_MAX_TRIALS, TUNERS, AugmentConfig, TrainConfig, UserError
 from trainer.quiet import import_tensorflow_quietly
 
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--mixed-precision's mixed_float16 compute in the SavedModel")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="debug logging, and TensorFlow's start-up messages (hidden otherwise)")
+    add_version_flag(p)
     return p
 
 
