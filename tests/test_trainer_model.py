@@ -142,6 +142,20 @@ def test_creating_a_tuner_declares_every_conditional_hyperparameter_without_buil
     assert builds == []
 
 
+def test_seed_0_samples_the_same_trials_every_time(tmp_path):
+    """Keras Tuner reads seed 0 as 'no seed' (``seed or random.randint``): the demo's --seed 0 sampled anew each run."""
+    from trainer import search
+    from trainer.config import TrainConfig
+
+    samples = []
+    for run in range(2):
+        config = TrainConfig(data_dir=str(tmp_path), job_dir=str(tmp_path / str(run)), tuner="random", max_trials=3,
+                             seed=0)
+        oracle = search.create_tuner(_hypermodel(), config).oracle
+        samples.append([oracle.populate_space(str(i))["values"] for i in range(3)])
+    assert samples[0] == samples[1]
+
+
 def test_the_model_has_no_augmentation_layers():
     model = _hypermodel().build(kt.HyperParameters())
     names = [type(layer).__name__ for layer in model._flatten_layers()]

@@ -258,11 +258,20 @@ def record_identity(config: TrainConfig, identity: dict) -> None:
         json.dump(identity, handle, indent=2, sort_keys=True)
 
 
+# Keras Tuner's Oracle takes ``seed or random.randint(1, 10000)``: a seed of 0 would mean "unseeded".
+_ZERO_SEED = 2**31 - 1
+
+
+def oracle_seed(seed: int) -> int:
+    """The oracle seed for ``--seed``: the same number, except 0, which Keras Tuner would replace at random."""
+    return seed if seed != 0 else _ZERO_SEED
+
+
 def create_tuner(hypermodel, config: TrainConfig, strategy=None):
     """The configured Keras Tuner (reloading ``JOB/tuner`` when it exists)."""
     base = _tuner_classes()[config.tuner]
     cls = type(f"{base.__name__}WithProgress", (_ProgressMixin, base), {})
-    common = dict(objective=OBJECTIVE, seed=config.seed, directory=config.job_dir, project_name="tuner",
+    common = dict(objective=OBJECTIVE, seed=oracle_seed(config.seed), directory=config.job_dir, project_name="tuner",
                   overwrite=False, distribution_strategy=strategy,
                   max_consecutive_failed_trials=MAX_CONSECUTIVE_FAILURES)
     try:
