@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_DIR ?= demo-output
+# Your photos get their own folder, so a search on them never meets the sample's (and vice versa).
+DEMO_DIR ?= demo-output$(if $(INPUT),-$(notdir $(abspath $(INPUT))))
 # Point the demo at your own folder: make demo INPUT=/path/to/photos [DEMO_ARGS="--image-size 160 --max-trials 8"]
 INPUT ?=
 DEMO_ARGS ?=
