@@ -64,7 +64,7 @@ def _images(size: int, count: int = 64) -> list[bytes]:
 def _build_export(kind: str, base: str, images: list[bytes]) -> tuple[str, int]:
     import keras
 
-    from trainer.export import export_model
+    from trainer.publish.export import export_model
 
     keras.utils.set_random_seed(0)
     if kind == "mobilenet":
@@ -195,7 +195,7 @@ def _machine() -> dict:
 
 
 def run(cfg: BenchConfig) -> dict:
-    from trainer.export import latest_version
+    from trainer.publish.export import latest_version
 
     machine = _machine()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:

@@ -2,7 +2,7 @@
 
 Two questions:
 
-1. Does the input pipeline keep training fed? ``trainer.data.image_dataset``
+1. Does the input pipeline keep training fed? ``trainer.data.records.image_dataset``
    (interleaved shards, parallel parse + ``tfrecords.decode_and_resize``,
    batch, prefetch; optionally the training augmentation) is timed on its own
    and compared with the rate a MobileNetV2 fine-tune step consumes batches of
@@ -13,7 +13,7 @@ Two questions:
    features against one epoch through the frozen backbone. Target >= 100x.
    And ``--only-finetune-cache``: a fine-tune step on augmented images against
    one on the cached activations below the unfrozen blocks.
-   Both of the cache's forms are timed: ``trainer.bottleneck.FeatureCache``
+   Both of the cache's forms are timed: ``trainer.data.features.FeatureCache``
    (the trainer's cache: unpooled feature maps on disk, the head pools) and
    globally pooled features in memory (the smallest form of the same data).
 
@@ -130,7 +130,7 @@ def classifier(backbone, weights: str, num_classes: int, depth: int):
     """The trainer's model shape: [0, 255] -> backbone preprocessing -> MobileNetV2 -> pool -> dropout -> softmax."""
     import keras
 
-    from trainer.hypermodel import BackbonePreprocess, set_finetune_depth
+    from trainer.model.classifier import BackbonePreprocess, set_finetune_depth
 
     backbone_model = backbone.build(SIZE, weights)
     inputs = keras.Input((*SIZE, 3), name="image")
@@ -146,7 +146,7 @@ def classifier(backbone, weights: str, num_classes: int, depth: int):
 
 
 def bench_input(info, batch_size: int, augmenter) -> dict:
-    from trainer.data import image_dataset
+    from trainer.data.records import image_dataset
 
     results = {}
     for name, aug in (("plain", None), ("augmented", augmenter)):
@@ -167,7 +167,7 @@ def bench_finetune(info, backbone, weights: str, batch_size: int, depth: int, st
     import keras
     import tensorflow as tf
 
-    from trainer.data import image_dataset
+    from trainer.data.records import image_dataset
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
@@ -193,7 +193,7 @@ def bench_finetune(info, backbone, weights: str, batch_size: int, depth: int, st
 def bench_frozen_epoch(info, backbone, weights: str, batch_size: int) -> dict:
     import keras
 
-    from trainer.data import image_dataset
+    from trainer.data.records import image_dataset
 
     keras.backend.clear_session()
     model, _ = classifier(backbone, weights, info.num_classes, depth=0)
@@ -216,7 +216,7 @@ def bench_cached_epochs(info, backbone, weights: str, batch_size: int, cache_roo
     import numpy as np
     import tensorflow as tf
 
-    from trainer.bottleneck import FeatureCache
+    from trainer.data.features import FeatureCache
 
     keras.backend.clear_session()
     cache = FeatureCache(cache_root, backbone, weights, SIZE, info, batch_size=64)
@@ -275,7 +275,7 @@ def bench_augment_layers(batch_size: int, rounds: int = 7) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from trainer.augment import RandomRotationZoom
+    from trainer.model.augment import RandomRotationZoom
 
     images = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch_size, *SIZE, 3)).astype("float32"))
     two = keras.Sequential([keras.layers.RandomRotation(0.05, fill_mode="reflect", seed=1),
@@ -311,14 +311,15 @@ def bench_finetune_cache(info, backbone, weights: str, batch_size: int, depth: i
     import keras
 
     from trainer.config import AugmentConfig
-    from trainer.data import image_dataset
-    from trainer.finetune_cache import ActivationCache, boundary_layer, upper_backbone
-    from trainer.hypermodel import _find_backbone
+    from trainer.data.records import image_dataset
+    from trainer.data.activations import ActivationCache
+    from trainer.model.classifier import boundary_layer, upper_backbone
+    from trainer.model.classifier import find_backbone
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     model, trainable = classifier(backbone, weights, info.num_classes, depth)
-    backbone_model = _find_backbone(model)
+    backbone_model = find_backbone(model)
     boundary = boundary_layer(backbone, backbone_model, depth)
     cache = ActivationCache(cache_root, backbone, weights, SIZE, info, boundary=boundary, views=1,
                             augment=AugmentConfig(), seed=0)
@@ -381,10 +382,10 @@ def main(argv=None) -> int:
             log(f"  busy at start: {line}")
         data_dir = args.data or build_data(workdir)
 
-        from trainer.augment import build_augmenter
-        from trainer.backbones import get_backbone
+        from trainer.model.augment import build_augmenter
+        from trainer.model.backbones import get_backbone
         from trainer.config import AugmentConfig
-        from trainer.data import inspect_data
+        from trainer.data.info import inspect_data
 
         info = inspect_data(data_dir)
         backbone = get_backbone("mobilenet_v2")

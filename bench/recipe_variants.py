@@ -44,27 +44,32 @@ VIEWS, SEED, BATCH = 4, 0, 32  # what bench.run_clothing --finetune-cache 4 used
 
 
 def _trainer_inputs(job: str, data_dir: str, class_weights: bool, size: tuple[int, int], best: dict):
-    from trainer import backbones, bottleneck, data, finetune_cache, hypermodel
+    from trainer.data import info as data_info
+    from trainer.data import activations, features, records
+    from trainer.model import backbones, classifier
+    from trainer.data.inputs import TrialInputs
+    from trainer.search import hypermodel
+    from trainer.search import space as search_space
     from trainer.config import AugmentConfig
 
-    info = data.inspect_data(data_dir, 0.2)
+    info = data_info.inspect_data(data_dir, 0.2)
     backbone = backbones.get_backbone("mobilenet_v2")
     probe = backbone.build(size, WEIGHTS)
-    boundary = finetune_cache.boundary_layer(backbone, probe, best["finetune_depth"])
-    features = bottleneck.FeatureCache(os.path.join(job, "cache"), backbone, WEIGHTS, size, info, keep_maps=False)
-    acts = finetune_cache.ActivationCache(os.path.join(job, "cache"), backbone, WEIGHTS, size, info,
+    boundary = classifier.boundary_layer(backbone, probe, best["finetune_depth"])
+    pooled = features.FeatureCache(os.path.join(job, "cache"), backbone, WEIGHTS, size, info, keep_maps=False)
+    acts = activations.ActivationCache(os.path.join(job, "cache"), backbone, WEIGHTS, size, info,
                                           boundary=boundary, views=VIEWS, augment=AugmentConfig(), seed=SEED)
-    if not os.path.isdir(features.path):
+    if not os.path.isdir(pooled.path):
         raise SystemExit(f"{job}: no bottleneck cache; run python -m bench.run_clothing "
                          f"--finetune-cache {VIEWS} first")
     if not os.path.isdir(acts.path):
         print(f"no activation cache below {boundary} (a deeper fine-tune than the run's); writing it to {acts.path}",
               flush=True)
         acts.ensure()
-    inputs = hypermodel.TrialInputs(
-        lambda split, pooling=None: features.dataset(split, BATCH, shuffle=split == "train", seed=SEED,
+    inputs = TrialInputs(
+        lambda split, pooling=None: pooled.dataset(split, BATCH, shuffle=split == "train", seed=SEED,
                                                      pooling=pooling),
-        None, data.class_weights(info) if class_weights else None,
+        None, data_info.class_weights(info) if class_weights else None,
         activations=lambda split: acts.dataset(split, BATCH, shuffle=split == "train", seed=SEED),
         boundary=boundary, max_cached_depth=best["finetune_depth"])
     return info, backbone, best, inputs, len(backbone.blocks(probe))
@@ -74,10 +79,13 @@ def run_variant(changes: list[str], job: str, data_dir: str, epochs: int, size: 
     import keras
     import keras_tuner as kt
 
-    from trainer import hypermodel
+    from trainer.model import classifier
+
+    from trainer.search import hypermodel
+    from trainer.search import space as search_space
 
     info, backbone, best, inputs, blocks = _trainer_inputs(job, data_dir, "no-class-weights" not in changes, size, best)
-    space = hypermodel.resolve_space({k: {"value": v} for k, v in best.items()}, num_blocks=blocks,
+    space = search_space.resolve_space({k: {"value": v} for k, v in best.items()}, num_blocks=blocks,
                                      num_train=info.size("train"))
 
     class Variant(hypermodel.TransferHyperModel):
@@ -108,11 +116,13 @@ def posthoc(job: str, data_dir: str) -> list[str]:
     import numpy as np
     import tensorflow as tf
 
-    from trainer import data
+    from trainer.data import info as data_info
 
-    info = data.inspect_data(data_dir, 0.2)
+    from trainer.data import records
+
+    info = data_info.inspect_data(data_dir, 0.2)
     serve = tf.saved_model.load(os.path.join(job, "export", "1")).signatures["serving_default"]
-    weights = data.class_weights(info)
+    weights = data_info.class_weights(info)
     weights = np.array([weights[i] for i in range(info.num_classes)])
 
     def probabilities(images):
@@ -121,7 +131,7 @@ def posthoc(job: str, data_dir: str) -> list[str]:
 
     lines = []
     for split in ("validation", "test"):
-        images, labels = data.encoded_examples(info, split)
+        images, labels = records.encoded_examples(info, split)
         labels = np.array(labels)
         flipped = [tf.io.encode_png(tf.io.decode_image(e, channels=3, expand_animations=False)[:, ::-1]).numpy()
                    for e in images]  # PNG: the flip is the only change the model sees

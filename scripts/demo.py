@@ -177,7 +177,7 @@ def demo_image_size(config: DemoConfig) -> int:
         return config.image_size
     if config.input is None:
         return SAMPLE_IMAGE_SIZE
-    from trainer.backbones import get_backbone
+    from trainer.model.backbones import get_backbone
 
     return get_backbone(config.backbone).default_size
 
@@ -224,7 +224,7 @@ def run(config: DemoConfig) -> DemoResult:
     from trainer.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly(verbose=False)  # the client and the export helpers need it in this process
-    from trainer.export import latest_version
+    from trainer.publish.export import latest_version
 
     seconds["trainer"] = time.monotonic() - started
     version = latest_version(export_base)
@@ -270,7 +270,7 @@ def run(config: DemoConfig) -> DemoResult:
     for path, truth, predicted, score in rows:
         mark = "" if truth == predicted else "  <- wrong"
         print(f"{os.path.basename(path)[:width]:<{width}}  {truth:<12} {predicted:<12} {score:.3f}{mark}")
-    from trainer.evaluate import accuracy_interval
+    from trainer.report.evaluate import accuracy_interval
 
     low, high = accuracy_interval(correct, len(rows))
     print(f"\ngRPC accuracy on the held-out test photos: {correct}/{len(rows)} = {accuracy:.1%} "

@@ -71,6 +71,7 @@ def write_tfrecord_data(root: pathlib.Path, *, per_class: int = 16, size: int = 
         split: tf.io.TFRecordWriter(str(root / f"{split}-00000-of-00001.tfrecord")) for split in tfrecords.SPLITS
     }
     counts = {split: 0 for split in tfrecords.SPLITS}
+    by_split = {split: {name: {"written": 0} for name in sorted(classes)} for split in tfrecords.SPLITS}
     for label_id, name in enumerate(labels):
         for i in range(per_class):
             split = "train" if i < per_class * 0.6 else ("validation" if i < per_class * 0.8 else "test")
@@ -81,12 +82,13 @@ def write_tfrecord_data(root: pathlib.Path, *, per_class: int = 16, size: int = 
                 encoded=data, image_format="jpeg", height=size, width=size, label=label_id, text=name,
                 source_id=f"{split}/{name}/{i}.jpg", sha256=hashlib.sha256(data).hexdigest()))
             counts[split] += 1
+            by_split[split][name]["written"] += 1
     for writer in writers.values():
         writer.close()
     (root / tfrecords.LABELS_FILE).write_text("\n".join(labels) + "\n")
     (root / tfrecords.STATS_FILE).write_text(json.dumps({
         "options": {"image_size": [size, size], "resize_mode": "stretch", "image_format": "jpeg"},
-        "written": counts,
+        "written": counts, "by_split_and_class": by_split, "labels": labels,
     }))
     (root / tfrecords.ERRORS_FILE).write_text("")
     return root

@@ -87,7 +87,7 @@ def float16_ops(version_dir: pathlib.Path) -> list[str]:
 
 
 def export_tiny(model, labels, base: pathlib.Path, images: list[bytes], **kwargs):
-    from trainer.export import export_model
+    from trainer.publish.export import export_model
 
     return export_model(model, str(base), labels=labels, image_size=IMAGE_SIZE, resize_mode="stretch",
                         check_images=images, metadata={"test": True}, **kwargs)
@@ -130,6 +130,6 @@ def grpc_target(serving_server) -> str:
 @pytest.fixture(scope="session")
 def expected_outputs(exported_base, split_images):
     """What the SavedModel itself returns for the test images (the reference for every transport)."""
-    from trainer.export import load_predict_fn
+    from trainer.publish.export import load_predict_fn
 
     return load_predict_fn(str(exported_base / "1"))(split_images["test"])

@@ -1,4 +1,4 @@
-"""The publishing gate against real exported versions (trainer.export) scored on the sample test images.
+"""The publishing gate against real exported versions (trainer.publish.export) scored on the sample test images.
 
 The baselines are models that always answer one class, so their accuracy on
 the 9 test images (3 circles, 3 squares, 3 triangles) is known exactly.
@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 from preprocessing import tfrecords
-from trainer.export import export_model
-from trainer.gate import GateDecision, decide, score_version
+from trainer.publish.export import export_model
+from trainer.publish.gate import GateDecision, decide, score_version
 
 SIZE = (32, 32)
 LABELS = ["circle", "square", "triangle"]

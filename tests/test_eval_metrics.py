@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.evaluate import accuracy_interval, metrics_from_probabilities, precision_recall_curve
+from trainer.report.evaluate import accuracy_interval, metrics_from_probabilities, precision_recall_curve
 
 LABELS = ["cat", "dog", "owl"]
 Y_TRUE = [0, 0, 1, 1, 2, 2, 0]

@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 from preprocessing import tfrecords
-from trainer import plots
-from trainer.evaluate import evaluate_model
+from trainer.report import plots
+from trainer.report.evaluate import evaluate_model
 
 SIZE = (32, 32)
 

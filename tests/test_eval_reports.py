@@ -13,8 +13,8 @@ from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
 from preprocessing import tfrecords
-from trainer.reports import (estimate_remaining_s, format_trial_line, hparams_callback, write_hparams_config,
-                             write_trials_table)
+from trainer.search.hparams import hparams_callback, write_hparams_config
+from trainer.search.tables import write_trials_table
 
 SIZE = (32, 32)
 MAX_TRIALS = 4
@@ -166,16 +166,3 @@ def test_one_hparams_callback_spans_both_fit_phases_of_a_trial(tmp_path):
     assert sorted(_scalars(tmp_path, "val_accuracy")) == [1, 2, 3]
     callback.record_score({"val_accuracy": 0.5, "val_loss": 1.25})  # the epoch early stopping kept, say
     assert _scalars(tmp_path, "score/val_accuracy") == {3: pytest.approx(0.5)}
-
-
-def test_trial_line_reads_as_progress():
-    line = format_trial_line(3, 10, {"learning_rate": 0.001, "dropout": 0.2, "tuner/epochs": 4}, score=0.91,
-                             elapsed_s=12.4, remaining_s=estimate_remaining_s([10.0, 12.0, 14.0], 10 - 3),
-                             best_score=0.93)
-    assert line == "trial 3/10 [learning_rate=0.001 dropout=0.2] val_accuracy=0.9100 (best 0.9300) (12s, ~1m24s left)"
-
-
-def test_trial_line_of_a_failed_trial_shows_its_status_and_last_error_line():
-    line = format_trial_line(2, None, {"units": 8}, status="FAILED", message="Traceback ...\nValueError: NaN loss",
-                             elapsed_s=75)
-    assert line == "trial 2/? [units=8] FAILED (ValueError: NaN loss) (1m15s)"

@@ -1,4 +1,4 @@
-"""trainer.export: the SavedModel serving contract (docs/contracts.md, section 4) and atomic publishing."""
+"""trainer.publish.export: the SavedModel serving contract (docs/contracts.md, section 4) and atomic publishing."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
 from preprocessing import tfrecords
-from trainer import export
+from trainer.publish import export
 
 pytest_plugins = ["serving_fixtures"]  # one registration: session fixtures built once per run
 

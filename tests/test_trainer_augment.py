@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.augment import RandomRotationZoom, build_augmenter
+from trainer.model.augment import RandomRotationZoom, build_augmenter
 from trainer.config import AugmentConfig
 
 SIZE = 33  # odd: the centre is a pixel

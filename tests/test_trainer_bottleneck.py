@@ -7,33 +7,37 @@ import json
 import keras
 import numpy as np
 
-from trainer import backbones, bottleneck, data
+from trainer.data import info as data_info
+
+from trainer.data import features, records
+
+from trainer.model import backbones, classifier, random_weights
 from trainer.cli import main
 
 
 def test_cached_features_are_the_frozen_backbones_output(tfrecord_data, tmp_path):
-    info = data.inspect_data(str(tfrecord_data))
+    info = data_info.inspect_data(str(tfrecord_data))
     backbone = backbones.get_backbone("mobilenet_v2")
-    weights = bottleneck.materialize_random_weights(backbone, (32, 32), str(tmp_path), seed=0)
-    cache = bottleneck.FeatureCache(str(tmp_path), backbone, weights, (32, 32), info)
+    weights = random_weights.materialize_random_weights(backbone, (32, 32), str(tmp_path), seed=0)
+    cache = features.FeatureCache(str(tmp_path), backbone, weights, (32, 32), info)
     assert set(cache.ensure()) == {"train", "validation"}
     cached = np.concatenate([f.numpy() for f, _ in cache.dataset("validation", 4)])
-    extractor = bottleneck.build_feature_extractor(backbone, weights, (32, 32))
+    extractor = classifier.build_feature_extractor(backbone, weights, (32, 32))
     direct = np.concatenate([keras.ops.convert_to_numpy(extractor(x, training=False))
-                             for x, _ in data.image_dataset(info, "validation", (32, 32), 4)])
+                             for x, _ in records.image_dataset(info, "validation", (32, 32), 4)])
     np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
 
 
 def test_a_second_request_reuses_the_cache_without_recomputing(tfrecord_data, tmp_path):
-    info = data.inspect_data(str(tfrecord_data))
+    info = data_info.inspect_data(str(tfrecord_data))
     backbone = backbones.get_backbone("mobilenet_v2")
-    weights = bottleneck.materialize_random_weights(backbone, (32, 32), str(tmp_path), seed=0)
-    first = bottleneck.FeatureCache(str(tmp_path), backbone, weights, (32, 32), info)
+    weights = random_weights.materialize_random_weights(backbone, (32, 32), str(tmp_path), seed=0)
+    first = features.FeatureCache(str(tmp_path), backbone, weights, (32, 32), info)
     first.ensure()
-    again = bottleneck.FeatureCache(str(tmp_path), backbone, weights, (32, 32), info)
+    again = features.FeatureCache(str(tmp_path), backbone, weights, (32, 32), info)
     assert again.path == first.path
     assert again.ensure() == {}
-    other_size = bottleneck.FeatureCache(str(tmp_path), backbone, weights, (48, 48), info)
+    other_size = features.FeatureCache(str(tmp_path), backbone, weights, (48, 48), info)
     assert other_size.path != first.path
 
 
@@ -46,17 +50,17 @@ def test_a_search_computes_features_once_for_all_its_trials(tfrecord_data, tmp_p
     computed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bottleneck features: train")]
     assert len(computed) == 1
     assert sum("trial" in r.getMessage() and "done" in r.getMessage() for r in caplog.records) == 2
-    assert len(list((tmp_path / "cache").glob("mobilenet_v2-32x32-*/train-pooled.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("mobilenet_v2-32x32-*/train-pooled/DONE"))) == 1
 
 
 def test_pooled_features_are_the_pooled_maps_and_need_no_maps_on_disk(tfrecord_data, tmp_path):
-    info = data.inspect_data(str(tfrecord_data))
+    info = data_info.inspect_data(str(tfrecord_data))
     backbone = backbones.get_backbone("mobilenet_v2")
-    weights = bottleneck.materialize_random_weights(backbone, (64, 64), str(tmp_path), seed=0)
-    with_maps = bottleneck.FeatureCache(str(tmp_path / "a"), backbone, weights, (64, 64), info)
+    weights = random_weights.materialize_random_weights(backbone, (64, 64), str(tmp_path), seed=0)
+    with_maps = features.FeatureCache(str(tmp_path / "a"), backbone, weights, (64, 64), info)
     with_maps.ensure()
     maps = np.concatenate([f.numpy() for f, _ in with_maps.dataset("validation", 4)])
-    vectors_only = bottleneck.FeatureCache(str(tmp_path / "b"), backbone, weights, (64, 64), info, keep_maps=False)
+    vectors_only = features.FeatureCache(str(tmp_path / "b"), backbone, weights, (64, 64), info, keep_maps=False)
     vectors_only.ensure()
     assert not (tmp_path / "b" / vectors_only.path.rsplit("/", 1)[-1] / "validation").exists()
     for pooling, reduce in (("avg", np.mean), ("max", np.max)):
@@ -66,18 +70,19 @@ def test_pooled_features_are_the_pooled_maps_and_need_no_maps_on_disk(tfrecord_d
 
 
 def test_a_random_initialisation_takes_its_batchnorm_statistics_from_training_images(tfrecord_data, tmp_path):
-    info = data.inspect_data(str(tfrecord_data))
+    info = data_info.inspect_data(str(tfrecord_data))
     backbone = backbones.get_backbone("mobilenet_v2")
 
     def feature_spread(weights):
-        extractor = bottleneck.build_feature_extractor(backbone, weights, (64, 64))
+        extractor = classifier.build_feature_extractor(backbone, weights, (64, 64))
         pooled = np.concatenate([keras.ops.convert_to_numpy(extractor(x, training=False)).mean(axis=(1, 2))
-                                 for x, _ in data.image_dataset(info, "validation", (64, 64), 8)])
+                                 for x, _ in records.image_dataset(info, "validation", (64, 64), 8)])
         return float(pooled.std(axis=0).mean())
 
-    plain = bottleneck.materialize_random_weights(backbone, (64, 64), str(tmp_path), seed=0)
-    calibrated = bottleneck.materialize_random_weights(backbone, (64, 64), str(tmp_path), seed=0,
-                                                       calibrate_on=info)
+    plain = random_weights.materialize_random_weights(backbone, (64, 64), str(tmp_path), seed=0)
+    calibrated = random_weights.materialize_random_weights(
+        backbone, (64, 64), str(tmp_path), seed=0,
+        calibration_images=lambda: next(iter(records.image_dataset(info, "train", (64, 64), 64)))[0])
     assert calibrated != plain
     assert feature_spread(plain) < 1e-6
     assert feature_spread(calibrated) > 0.05

@@ -156,8 +156,8 @@ def test_a_shard_that_breaks_during_a_trial_stops_the_search_naming_the_shard(da
     import keras_tuner as kt
 
     from trainer.config import TrainConfig, UserError
-    from trainer.hypermodel import DataLoss
-    from trainer.train import _named_data_loss
+    from trainer.search.hypermodel import DataLoss
+    from trainer.run import _named_data_loss
 
     assert issubclass(DataLoss, kt.errors.FatalError)
     shard = data_copy / "train-00000-of-00001.tfrecord"
@@ -196,7 +196,7 @@ def test_a_failed_weights_download_names_the_real_cause(cause, said):
     import socket
     import urllib.error
 
-    from trainer.backbones import download_failure
+    from trainer.model.backbones import download_failure
 
     underlying = {"dns": urllib.error.URLError(socket.gaierror(-2, "Name or service not known")),
                   "refused": urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),

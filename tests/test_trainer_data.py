@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import logging
+import pathlib
+
 import numpy as np
 import pytest
 
 from conftest import write_tfrecord_data
-from trainer import data
-from trainer.augment import build_augmenter
-from trainer.config import AugmentConfig
+from trainer.data import info as data_info
+from trainer.data import records
+from trainer.model.augment import build_augmenter
+from trainer.config import AugmentConfig, UserError
 
 
 @pytest.fixture(scope="module")
 def no_validation(tmp_path_factory):
+    import json
+
     root = write_tfrecord_data(tmp_path_factory.mktemp("noval"), per_class=20)
     (root / "validation-00000-of-00001.tfrecord").unlink()
+    stats = json.loads((root / "stats.json").read_text())  # as preprocessing writes it for two splits
+    stats["by_split_and_class"].pop("validation")
+    (root / "stats.json").write_text(json.dumps(stats))
     return root
 
 
 def test_counts_per_split_and_class_come_from_the_records(tfrecord_data):
-    info = data.inspect_data(str(tfrecord_data))
+    info = data_info.inspect_data(str(tfrecord_data))
     assert info.labels == ["circle", "square", "triangle"]
     assert info.counts == {"train": [10, 10, 10], "validation": [3, 3, 3], "test": [3, 3, 3]}
     assert not info.carved_validation
@@ -27,10 +36,10 @@ def test_counts_per_split_and_class_come_from_the_records(tfrecord_data):
 
 
 def test_without_a_validation_split_one_is_carved_from_train(no_validation):
-    info = data.inspect_data(str(no_validation), validation_fraction=0.25)
+    info = data_info.inspect_data(str(no_validation), validation_fraction=0.25)
     assert info.carved_validation
-    train, _ = data.encoded_examples(info, "train")
-    validation, _ = data.encoded_examples(info, "validation")
+    train, _ = records.encoded_examples(info, "train")
+    validation, _ = records.encoded_examples(info, "validation")
     assert len(train) == info.size("train") and len(validation) == info.size("validation")
     assert 0 < len(validation) < len(train)
     assert not set(train) & set(validation)
@@ -38,14 +47,14 @@ def test_without_a_validation_split_one_is_carved_from_train(no_validation):
 
 
 def test_the_carved_split_is_the_same_on_every_run(no_validation):
-    first = data.encoded_examples(data.inspect_data(str(no_validation)), "validation")[0]
-    second = data.encoded_examples(data.inspect_data(str(no_validation)), "validation")[0]
+    first = records.encoded_examples(data_info.inspect_data(str(no_validation)), "validation")[0]
+    second = records.encoded_examples(data_info.inspect_data(str(no_validation)), "validation")[0]
     assert first == second
 
 
 def test_image_batches_are_float_pixels_in_0_255_with_int_labels(tfrecord_data):
-    info = data.inspect_data(str(tfrecord_data))
-    batches = list(data.image_dataset(info, "test", (40, 48), 4))
+    info = data_info.inspect_data(str(tfrecord_data))
+    batches = list(records.image_dataset(info, "test", (40, 48), 4))
     images, labels = batches[0]
     assert images.shape == (4, 40, 48, 3) and images.dtype.name == "float32"
     assert labels.dtype.name == "int32"
@@ -54,25 +63,54 @@ def test_image_batches_are_float_pixels_in_0_255_with_int_labels(tfrecord_data):
 
 
 def test_class_weights_balance_an_imbalanced_train_split():
-    info = data.DataInfo("d", ["a", "b"], None, "stretch", {}, counts={"train": [30, 10]})
-    weights = data.class_weights(info)
+    info = data_info.DataInfo("d", ["a", "b"], None, "stretch", {}, counts={"train": [30, 10]})
+    weights = data_info.class_weights(info)
     assert weights[0] == pytest.approx(40 / 60) and weights[1] == pytest.approx(2.0)
     assert weights[0] * 30 == pytest.approx(weights[1] * 10)
 
 
 def test_augmentation_changes_shuffled_training_batches_only(tfrecord_data):
-    info = data.inspect_data(str(tfrecord_data))
+    info = data_info.inspect_data(str(tfrecord_data))
     augmenter = build_augmenter(AugmentConfig(flip=False, rotation=0.2, zoom=0.2, contrast=0.3), seed=1)
-    plain = next(iter(data.image_dataset(info, "train", (32, 32), 30, shuffle=True, seed=5)))[0].numpy()
-    augmented = next(iter(data.image_dataset(info, "train", (32, 32), 30, shuffle=True, seed=5,
+    plain = next(iter(records.image_dataset(info, "train", (32, 32), 30, shuffle=True, seed=5)))[0].numpy()
+    augmented = next(iter(records.image_dataset(info, "train", (32, 32), 30, shuffle=True, seed=5,
                                              augmenter=augmenter)))[0].numpy()
     assert not np.allclose(plain, augmented)
     assert augmented.min() >= 0.0 and augmented.max() <= 255.0
-    evaluation = next(iter(data.image_dataset(info, "test", (32, 32), 9, augmenter=augmenter)))[0].numpy()
-    reference = next(iter(data.image_dataset(info, "test", (32, 32), 9)))[0].numpy()
+    evaluation = next(iter(records.image_dataset(info, "test", (32, 32), 9, augmenter=augmenter)))[0].numpy()
+    reference = next(iter(records.image_dataset(info, "test", (32, 32), 9)))[0].numpy()
     np.testing.assert_array_equal(evaluation, reference)
 
 
 def test_switching_every_augmentation_off_means_no_augmenter():
     assert build_augmenter(AugmentConfig(enabled=False), seed=0) is None
     assert build_augmenter(AugmentConfig(flip=False, rotation=0, zoom=0, contrast=0), seed=0) is None
+
+
+def test_counts_come_from_stats_json_without_reading_a_record(tfrecord_data, monkeypatch):
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a record was read to count")
+
+    monkeypatch.setattr(data_info, "_count_split", no_reading)
+    info = data_info.inspect_data(str(tfrecord_data))
+    assert info.counts == {"train": [10, 10, 10], "validation": [3, 3, 3], "test": [3, 3, 3]}
+
+
+def test_a_folder_without_stats_json_is_counted_and_says_so(tfrecord_data, tmp_path, caplog):
+    import shutil
+
+    copy = pathlib.Path(shutil.copytree(tfrecord_data, tmp_path / "data"))
+    (copy / "stats.json").unlink()
+    with caplog.at_level(logging.INFO, logger="trainer.data"):
+        info = data_info.inspect_data(str(copy))
+    assert info.counts == data_info.inspect_data(str(tfrecord_data)).counts
+    assert any("counting the train records" in r.getMessage() for r in caplog.records)
+
+
+def test_a_missing_shard_is_named_before_training(tfrecord_data, tmp_path):
+    import shutil
+
+    copy = pathlib.Path(shutil.copytree(tfrecord_data, tmp_path / "data"))
+    (copy / "train-00000-of-00001.tfrecord").rename(copy / "train-00001-of-00002.tfrecord")
+    with pytest.raises(UserError, match="train shards are not a complete set"):
+        data_info.inspect_data(str(copy))

@@ -47,8 +47,9 @@ def _free_port() -> int:
 
 def test_a_mirrored_mixed_precision_search_on_two_logical_cpus(tfrecord_data, tmp_path, repo_root):
     """The multi-GPU configuration (mirrored + float16), with both phases, down to a float32 export."""
-    from trainer import data
-    from trainer.export import load_predict_fn
+    from trainer.data import info as data_info
+    from trainer.data import records
+    from trainer.publish.export import load_predict_fn
 
     space = json.dumps({"finetune_depth": [1], "dense_layers": 0})
     result = subprocess.run(
@@ -60,7 +61,7 @@ def test_a_mirrored_mixed_precision_search_on_two_logical_cpus(tfrecord_data, tm
     assert "MirroredStrategy over 2 devices" in result.stderr and "mixed precision on" in result.stderr
     best = json.loads((tmp_path / "best_hyperparameters.json").read_text())
     assert best["values"]["finetune_depth"] == 1 and best["score"] is not None
-    images, _ = data.encoded_examples(data.inspect_data(str(tfrecord_data)), "test")
+    images, _ = records.encoded_examples(data_info.inspect_data(str(tfrecord_data)), "test")
     probabilities = load_predict_fn(str(tmp_path / "export" / "1"))(images)["probabilities"]
     assert probabilities.dtype.name == "float32" and probabilities.shape == (len(images), 3)
     # Trained in mixed_float16, exported in float32 (--export-precision's default): no float16 op in the

@@ -9,7 +9,11 @@ import keras
 import numpy as np
 import pytest
 
-from trainer import backbones, bottleneck, data, finetune_cache
+from trainer.data import info as data_info
+
+from trainer.data import activations, features, records
+
+from trainer.model import backbones, classifier
 from trainer.cli import main
 from trainer.config import AugmentConfig
 
@@ -25,8 +29,8 @@ def mobilenet(mobilenet_weights):
 def _cache(tmp_path, mobilenet, info, views=3, augment=AugmentConfig()):
     backbone, weights = mobilenet
     model = backbone.build(SIZE, weights)
-    boundary = finetune_cache.boundary_layer(backbone, model, 2)
-    return finetune_cache.ActivationCache(str(tmp_path), backbone, weights, SIZE, info, boundary=boundary,
+    boundary = classifier.boundary_layer(backbone, model, 2)
+    return activations.ActivationCache(str(tmp_path), backbone, weights, SIZE, info, boundary=boundary,
                                           views=views, augment=augment, seed=0), model
 
 
@@ -34,32 +38,32 @@ def test_the_boundary_is_the_input_of_the_lowest_block_the_search_may_unfreeze(m
     backbone, weights = mobilenet
     model = backbone.build(SIZE, weights)
     blocks = backbone.blocks(model)
-    assert finetune_cache.boundary_layer(backbone, model, 2) == blocks[-2][0].name == "block_16_expand"
-    assert finetune_cache.boundary_layer(backbone, model, 5) == "block_13_expand"
-    assert finetune_cache.boundary_layer(backbone, model, 0) is None
-    assert finetune_cache.boundary_layer(backbone, model, len(blocks)) is None
+    assert classifier.boundary_layer(backbone, model, 2) == blocks[-2][0].name == "block_16_expand"
+    assert classifier.boundary_layer(backbone, model, 5) == "block_13_expand"
+    assert classifier.boundary_layer(backbone, model, 0) is None
+    assert classifier.boundary_layer(backbone, model, len(blocks)) is None
 
 
 def test_lower_then_upper_part_is_the_whole_backbone(mobilenet):
     backbone, weights = mobilenet
     model = backbone.build(SIZE, weights)
-    boundary = finetune_cache.boundary_layer(backbone, model, 3)
+    boundary = classifier.boundary_layer(backbone, model, 3)
     images = np.random.default_rng(0).uniform(0, 255, size=(4, *SIZE, 3)).astype("float32")
-    lower = bottleneck.build_feature_extractor(backbone, weights, SIZE, up_to=boundary)
-    upper = finetune_cache.upper_backbone(model, boundary)
-    whole = bottleneck.build_feature_extractor(backbone, weights, SIZE)
+    lower = classifier.build_feature_extractor(backbone, weights, SIZE, up_to=boundary)
+    upper = classifier.upper_backbone(model, boundary)
+    whole = classifier.build_feature_extractor(backbone, weights, SIZE)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(upper(lower(images))),
                                keras.ops.convert_to_numpy(whole(images)), rtol=1e-4, atol=1e-5)
 
 
 def test_validation_activations_are_the_clean_lower_output(tfrecord_data, tmp_path, mobilenet):
-    info = data.inspect_data(str(tfrecord_data))
+    info = data_info.inspect_data(str(tfrecord_data))
     cache, _ = _cache(tmp_path, mobilenet, info)
     assert set(cache.ensure()) == {"train", "validation"}
     cached = np.concatenate([x.numpy() for x, _ in cache.dataset("validation", 4)])
-    lower = bottleneck.build_feature_extractor(*mobilenet, SIZE, up_to=cache.boundary)
+    lower = classifier.build_feature_extractor(*mobilenet, SIZE, up_to=cache.boundary)
     direct = np.concatenate([keras.ops.convert_to_numpy(lower(x)) for x, _ in
-                             data.image_dataset(info, "validation", SIZE, 4)])
+                             records.image_dataset(info, "validation", SIZE, 4)])
     assert cached.dtype == np.float32 and cached.shape == direct.shape
     np.testing.assert_allclose(cached, direct, rtol=1e-3, atol=1e-4)
 
@@ -68,7 +72,7 @@ def test_each_training_image_has_distinct_augmented_views_and_epochs_draw_among_
                                                                                        mobilenet):
     import tensorflow as tf
 
-    info = data.inspect_data(str(tfrecord_data))
+    info = data_info.inspect_data(str(tfrecord_data))
     cache, _ = _cache(tmp_path, mobilenet, info, views=3)
     cache.ensure(["train"])
     stored = list(tf.data.Dataset.load(cache.split_path("train")).as_numpy_iterator())
@@ -100,7 +104,7 @@ def test_each_training_image_has_distinct_augmented_views_and_epochs_draw_among_
 
 
 def test_the_cache_is_reused_and_changes_with_views_and_augmentation(tfrecord_data, tmp_path, mobilenet):
-    info = data.inspect_data(str(tfrecord_data))
+    info = data_info.inspect_data(str(tfrecord_data))
     first, _ = _cache(tmp_path, mobilenet, info, views=2)
     first.ensure()
     again, _ = _cache(tmp_path, mobilenet, info, views=2)
@@ -132,17 +136,19 @@ def test_a_search_fine_tunes_on_the_cache_the_final_model_on_images_and_a_rerun_
 def test_a_fine_tune_on_the_cache_trains_the_classifier_s_own_backbone_layers(tfrecord_data, tmp_path, mobilenet):
     import keras_tuner as kt
 
-    from trainer import hypermodel
+    from trainer.data.inputs import TrialInputs
+    from trainer.search import hypermodel
+    from trainer.search import space as search_space
 
-    info = data.inspect_data(str(tfrecord_data))
+    info = data_info.inspect_data(str(tfrecord_data))
     cache, _ = _cache(tmp_path, mobilenet, info, views=2)
     cache.ensure()
     backbone, weights = mobilenet
-    space = hypermodel.resolve_space({"finetune_depth": 2, "dense_layers": 0}, num_blocks=18, num_train=30)
-    features = bottleneck.FeatureCache(str(tmp_path), backbone, weights, SIZE, info, keep_maps=False)
-    features.ensure()
-    inputs = hypermodel.TrialInputs(
-        lambda split, pooling=None: features.dataset(split, 8, shuffle=split == "train", pooling=pooling),
+    space = search_space.resolve_space({"finetune_depth": 2, "dense_layers": 0}, num_blocks=18, num_train=30)
+    pooled = features.FeatureCache(str(tmp_path), backbone, weights, SIZE, info, keep_maps=False)
+    pooled.ensure()
+    inputs = TrialInputs(
+        lambda split, pooling=None: pooled.dataset(split, 8, shuffle=split == "train", pooling=pooling),
         lambda split, augment=False: pytest.fail("a cached fine-tune must not read images"),
         activations=lambda split: cache.dataset(split, 8, shuffle=split == "train"),
         boundary=cache.boundary, max_cached_depth=2)

@@ -45,8 +45,9 @@ def _write_clothing_records(source: pathlib.Path, target: pathlib.Path) -> pathl
 
 @pytest.mark.slow
 def test_a_short_real_run_on_clothing_photos_ends_far_above_chance(clothing_dir, mobilenet_weights, tmp_path):
-    from trainer import data
-    from trainer.export import load_predict_fn
+    from trainer.data import info as data_info
+    from trainer.data import records
+    from trainer.publish.export import load_predict_fn
 
     data_dir = _write_clothing_records(clothing_dir, tmp_path / "data")
     job = tmp_path / "job"
@@ -58,8 +59,8 @@ def test_a_short_real_run_on_clothing_photos_ends_far_above_chance(clothing_dir,
     assert rc == 0
     metrics = json.loads((job / "eval" / "metrics.json").read_text())
     assert metrics["accuracy"] >= 0.5  # chance is 0.1
-    info = data.inspect_data(str(data_dir))
-    images, labels = data.encoded_examples(info, "test")
+    info = data_info.inspect_data(str(data_dir))
+    images, labels = records.encoded_examples(info, "test")
     predict = load_predict_fn(str(job / "export" / "1"))
     out = predict(images)
     served = float((out["class_ids"] == labels).mean())

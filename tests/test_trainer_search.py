@@ -105,11 +105,12 @@ def test_best_hyperparameters_are_the_winning_trials_values_and_score(searched_j
 
 
 def test_the_exported_model_answers_for_encoded_test_images(searched_job, tfrecord_data):
-    from trainer import data
-    from trainer.export import load_predict_fn
+    from trainer.data import info as data_info
+    from trainer.data import records
+    from trainer.publish.export import load_predict_fn
 
-    info = data.inspect_data(str(tfrecord_data))
-    images, _ = data.encoded_examples(info, "test")
+    info = data_info.inspect_data(str(tfrecord_data))
+    images, _ = records.encoded_examples(info, "test")
     out = load_predict_fn(str(searched_job / "export" / "1"))(images)
     assert out["probabilities"].shape == (len(images), 3)
     assert out["probabilities"].sum(axis=1) == pytest.approx([1.0] * len(images), abs=1e-4)
@@ -118,11 +119,12 @@ def test_the_exported_model_answers_for_encoded_test_images(searched_job, tfreco
 
 def test_the_export_records_its_upload_decode_and_the_datas_pixel_limit(searched_job, tfrecord_data):
     from preprocessing.config import DEFAULT_MAX_PIXELS
-    from trainer import data
+    from trainer.data import info as data_info
+    from trainer.data import records
 
     export = json.loads((searched_job / "export" / "1" / "assets.extra" / "metadata.json").read_text())["export"]
     assert export["decode"] == "upright-rgb-v1"
-    assert export["max_pixels"] == data.read_options(str(tfrecord_data)).get("max_pixels", DEFAULT_MAX_PIXELS)
+    assert export["max_pixels"] == data_info.read_options(str(tfrecord_data)).get("max_pixels", DEFAULT_MAX_PIXELS)
 
 
 def test_rerunning_the_same_command_resumes_without_new_trials(searched_job, tfrecord_data, caplog):
@@ -171,7 +173,7 @@ def test_a_change_of_any_setting_that_alters_trials_is_refused_naming_old_and_ne
 def test_the_data_digest_follows_the_datas_content_not_the_run_that_wrote_it(tfrecord_data, tmp_path):
     import shutil
 
-    from trainer.search import data_digest
+    from trainer.search.tuner import data_digest
 
     copy = tmp_path / "data"
     shutil.copytree(tfrecord_data, copy)
@@ -250,8 +252,9 @@ def test_an_interrupted_search_resumes_where_it_stopped(tfrecord_data, tmp_path,
 
 def test_a_current_backbone_runs_end_to_end_with_random_weights(tfrecord_data, tmp_path):
     """mobilenet_v3_large, the cheapest of the newer families, from records to an export that answers."""
-    from trainer import data
-    from trainer.export import load_predict_fn
+    from trainer.data import info as data_info
+    from trainer.data import records
+    from trainer.publish.export import load_predict_fn
 
     rc = main(["--data", str(tfrecord_data), "--job-dir", str(tmp_path), "--backbone", "mobilenet_v3_large",
                "--tuner", "random", "--max-trials", "1",
@@ -259,6 +262,6 @@ def test_a_current_backbone_runs_end_to_end_with_random_weights(tfrecord_data, t
     assert rc == 0
     best = json.loads((tmp_path / "best_hyperparameters.json").read_text())
     assert best["values"]["finetune_depth"] == 1
-    images, _ = data.encoded_examples(data.inspect_data(str(tfrecord_data)), "test")
+    images, _ = records.encoded_examples(data_info.inspect_data(str(tfrecord_data)), "test")
     probabilities = load_predict_fn(str(tmp_path / "export" / "1"))(images)["probabilities"]
     assert probabilities.shape == (len(images), 3)

@@ -199,10 +199,10 @@ def main(argv=None) -> int:
         import tensorflow as tf
 
         tf.get_logger().setLevel(logging.ERROR)
-        from trainer import distribute, train
+        from trainer import distribute, run
 
         placement = distribute.configure(config.strategy, config.mixed_precision)
-        summary = train.run(config, placement)
+        summary = run.run(config, placement)
     except UserError as error:
         sys.stderr.write(f"{PROG}: error: {error}\n")
         return 2

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 TUNERS = ("hyperband", "bayesian", "random", "grid")
-# The names of trainer.backbones.REGISTRY, here so that --help needs no Keras (a test keeps them equal).
+# The names of trainer.model.backbones.REGISTRY, here so that --help needs no Keras (a test keeps them equal).
 BACKBONES = ("mobilenet_v2", "efficientnet_b0", "resnet50", "vgg16", "densenet121", "xception",
              "efficientnet_v2_b0", "efficientnet_v2_s", "convnext_tiny", "mobilenet_v3_large")
 DEFAULT_MAX_TRIALS = 10

@@ -20,7 +20,7 @@ cluster has no chief) writes the shared job folder; the others write to a
 scratch folder that is deleted at the end (what the TensorFlow and Keras
 multi-worker guides recommend). Keras 3's ``Model.fit`` does not run under a
 multi-worker strategy as released (keras-team/keras#20585,
-tensorflow/tensorflow#72388); :func:`patch_keras_for_multi_worker` fixes the
+tensorflow/tensorflow#72388); :func:`trainer.compat.keras.patch_fit_for_multi_worker` fixes the
 two places that fail, for multi-worker strategies only.
 """
 
@@ -30,7 +30,9 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
+from trainer.compat import keras as compat_keras
 from trainer.config import UserError
 
 log = logging.getLogger("trainer.distribute")
@@ -115,7 +117,7 @@ def configure(strategy: str = "auto", mixed_precision: bool | None = None) -> Pl
         raise UserError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     workers = _tf_config_workers()
     if multi_worker(strategy):
-        patch_keras_for_multi_worker()
+        compat_keras.patch_fit_for_multi_worker()
         chosen = tf.distribute.MultiWorkerMirroredStrategy()
         kind, index = task()
         description = (f"MultiWorkerMirroredStrategy over {workers} workers from TF_CONFIG "
@@ -168,77 +170,6 @@ def tuning_role() -> str:
     return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
 
 
-_KERAS_PATCHED = False
-
-
-def patch_keras_for_multi_worker() -> bool:
-    """Make Keras 3's TensorFlow ``fit``/``evaluate`` work under a multi-worker strategy.
-
-    Keras 3 (up to at least 3.15, keras-team/keras#20585) fails twice when a
-    ``MultiWorkerMirroredStrategy`` spans more than one worker:
-
-    1. ``fit``/``evaluate`` start with ``_maybe_symbolic_build``, which takes
-       the first distributed batch and calls ``strategy.reduce("MEAN", batch)``
-       on the whole ``(x, y[, sample_weight])`` tuple only to learn its shapes
-       and dtypes. ``Strategy.reduce`` does not take nested structures; the
-       multi-worker strategy tries to convert the tuple to one tensor:
-       ``ValueError: Attempt to convert a value (PerReplica...)``. The batch is
-       only needed for shapes, so this takes the first local replica's part
-       (no cross-worker reduce, no collective).
-    2. Every train/test step reduces its (scalar) metric results across
-       workers with ``strategy.reduce("MEAN", v, axis=0)``, which fails on a
-       scalar (``Invalid reduction dimension 0 for input with 0 dimensions``,
-       tensorflow/tensorflow#72388). This uses ``axis=None``: the mean across
-       replicas, as Keras does on one machine.
-
-    Only multi-worker strategies take the patched paths; every other strategy
-    calls Keras's own code. Returns False (with a warning) when this Keras does
-    not have the internals being patched.
-    """
-    global _KERAS_PATCHED
-    if _KERAS_PATCHED:
-        return True
-    import keras
-    import tensorflow as tf
-
-    try:
-        from keras.src.backend.tensorflow import trainer as tf_trainer
-
-        trainer_class = tf_trainer.TensorFlowTrainer
-        original_build = trainer_class._maybe_symbolic_build
-        original_reduce = tf_trainer.reduce_per_replica
-        in_multi_worker_mode = tf_trainer._collective_all_reduce_multi_worker
-    except (ImportError, AttributeError) as error:
-        log.warning("Keras %s: cannot adapt Model.fit to MultiWorkerMirroredStrategy (%s); training may fail",
-                    keras.__version__, error)
-        return False
-
-    def local_part(value):
-        if isinstance(value, tf.distribute.DistributedValues):
-            return value.values[0]
-        return value
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        strategy = self._distribute_strategy
-        if iterator is None or strategy is None or not in_multi_worker_mode(strategy):
-            return original_build(self, iterator=iterator, data_batch=data_batch)
-        for _, _, batches in iterator:
-            data_batch = tf.nest.map_structure(local_part, next(batches))
-            break
-        return original_build(self, data_batch=data_batch)
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction in ("auto", "mean") and in_multi_worker_mode(strategy):
-            return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
-        return original_reduce(values, strategy, reduction)
-
-    trainer_class._maybe_symbolic_build = _maybe_symbolic_build
-    tf_trainer.reduce_per_replica = reduce_per_replica
-    _KERAS_PATCHED = True
-    log.debug("Keras %s: Model.fit adapted to MultiWorkerMirroredStrategy", keras.__version__)
-    return True
-
-
 def _sum_over_workers(strategy, values):
     """Each worker's float64 ``values`` summed over all replicas (a collective: every worker must call it)."""
     import tensorflow as tf
@@ -262,3 +193,22 @@ def same_on_all_workers(strategy, numbers) -> bool:
 def barrier(strategy) -> None:
     """Wait until every worker reaches this point."""
     _sum_over_workers(strategy, [1.0])
+
+
+class strategy_scope:
+    """``strategy.scope()``, or nothing when there is no strategy."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self.context = None
+
+    def __enter__(self):
+        if self.strategy is not None:
+            self.context = self.strategy.scope()
+            self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any):
+        if self.context is not None:
+            return self.context.__exit__(*exc)
+        return False

@@ -44,10 +44,11 @@ class GateDecision:
         return asdict(self)
 
 
-def score_version(version_dir: str, images: Sequence[bytes], labels: Sequence[int], *,
+def score_version(version_dir: str, images, labels: Sequence[int] | None, *,
                   label_names: Sequence[str] | None = None,
                   load_predict_fn: Callable | None = None, batch_size: int = SCORE_BATCH) -> float:
-    """Accuracy of the exported SavedModel in ``version_dir`` on encoded ``images`` with true ``labels``.
+    """Accuracy of the exported SavedModel in ``version_dir`` on encoded ``images`` with true ``labels``
+    (or on the ``(images, labels)`` batches a callable ``images()`` yields; ``labels`` is then None).
 
     With ``label_names`` (the candidate's ``labels.txt`` order) a prediction is
     right when its class *name* matches, so a baseline trained with another
@@ -55,25 +56,35 @@ def score_version(version_dir: str, images: Sequence[bytes], labels: Sequence[in
     compared.
     """
     if load_predict_fn is None:
-        from trainer.export import load_predict_fn
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    if not len(images):
-        raise ValueError("the gate needs at least one test image")
+        from trainer.publish.export import load_predict_fn
     predict = load_predict_fn(version_dir)
-    truth = np.asarray(labels, dtype=np.int64)
     names = np.asarray([str(n) for n in label_names], dtype=object) if label_names is not None else None
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        outputs = predict(list(images[start:start + batch_size]))
-        expected = truth[start:start + batch_size]
+    correct = total = 0
+    for batch, expected in _batches(images, labels, batch_size):
+        outputs = predict(list(batch))
+        expected = np.asarray(expected, dtype=np.int64)
         if names is not None:
             predicted = np.asarray([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in outputs["labels"]],
                                    dtype=object)
             correct += int(np.sum(predicted == names[expected]))
         else:
             correct += int(np.sum(np.asarray(outputs["class_ids"]).astype(np.int64) == expected))
-    return correct / len(images)
+        total += len(expected)
+    if not total:
+        raise ValueError("the gate needs at least one test image")
+    return correct / total
+
+
+def _batches(images, labels, batch_size: int):
+    """``(images, labels)`` batches: from ``images()`` when it is a callable yielding batches (streamed
+    from the records, so the test split is never held in memory), else slices of the two sequences."""
+    if callable(images):
+        yield from images()
+        return
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size], labels[start:start + batch_size]
 
 
 def _write(decision: GateDecision, out_path: str, extra: dict) -> None:
@@ -86,15 +97,16 @@ def _write(decision: GateDecision, out_path: str, extra: dict) -> None:
         handle.write(json.dumps({**decision.to_dict(), **extra}, indent=2) + "\n")
 
 
-def decide(new_score: float, export_base: str, test_images: Sequence[bytes], test_labels: Sequence[int], *,
+def decide(new_score: float, export_base: str, test_images, test_labels: Sequence[int] | None, *,
            min_accuracy: float = 0.0, force: bool = False, out_path: str | None = None,
            label_names: Sequence[str] | None = None, candidate_version: int | None = None,
-           load_predict_fn: Callable | None = None) -> GateDecision:
+           load_predict_fn: Callable | None = None, num_images: int | None = None) -> GateDecision:
     """Decide whether the candidate (test accuracy ``new_score``) is published under ``export_base``.
 
     Refused when ``new_score < min_accuracy``, or when the latest version under
     ``export_base`` (below ``candidate_version`` if given) scores higher on
-    ``test_images``/``test_labels``; published otherwise (a tie publishes).
+    ``test_images``/``test_labels`` (or the batches ``test_images()`` yields,
+    with ``num_images`` saying how many); published otherwise (a tie publishes).
     ``force`` publishes regardless; ``forced`` is True when it changed the
     outcome (a candidate that passes anyway is not "forced"). A baseline
     that cannot be loaded or run does not block: it is logged and the decision
@@ -102,9 +114,11 @@ def decide(new_score: float, export_base: str, test_images: Sequence[bytes], tes
     The decision is logged and, with ``out_path`` (``JOB/gate.json``), written
     as JSON with the test image count and the time.
     """
-    from trainer import export
+    from trainer.publish import export
 
     new_score = float(new_score)
+    if num_images is None:
+        num_images = len(test_images)
     versions = [v for v in export.list_versions(export_base)
                 if candidate_version is None or v < int(candidate_version)]
     previous_version = versions[-1] if versions else None
@@ -124,7 +138,7 @@ def decide(new_score: float, export_base: str, test_images: Sequence[bytes], tes
         verdict, reason = False, f"accuracy {new_score:.4f} is below the minimum {min_accuracy:.4f}"
     elif previous_score is not None and new_score + SCORE_EPSILON < previous_score:
         verdict, reason = False, (f"accuracy {new_score:.4f} is worse than version {previous_version}'s "
-                                  f"{previous_score:.4f} on the same {len(test_images)} test images")
+                                  f"{previous_score:.4f} on the same {num_images} test images")
     elif previous_score is not None:
         verdict, reason = True, (f"accuracy {new_score:.4f} is not worse than version {previous_version}'s "
                                  f"{previous_score:.4f} and meets the minimum {min_accuracy:.4f}")
@@ -142,6 +156,6 @@ def decide(new_score: float, export_base: str, test_images: Sequence[bytes], tes
     (log.info if decision.publish else log.warning)("gate: %s: %s", "PUBLISH" if decision.publish else "REFUSE",
                                                     reason)
     if out_path:
-        _write(decision, out_path, {"num_test_images": len(test_images), "export_base": export_base,
+        _write(decision, out_path, {"num_test_images": num_images, "export_base": export_base,
                                     "decided_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     return decision

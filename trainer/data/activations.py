@@ -22,7 +22,7 @@ quickly, and the retrain of the best one trains on freshly augmented images
 unless asked otherwise (``TrainConfig.finetune_cache_final``).
 
 Writes go to a temporary folder renamed into place (as in
-:mod:`trainer.bottleneck`); the folder name is a digest of everything that
+:mod:`trainer.data.features`); the folder name is a digest of everything that
 changes the activations: backbone, weights, input size, data, boundary, number
 of views, augmentation settings and seed.
 """
@@ -36,42 +36,15 @@ import logging
 import os
 import time
 
-from trainer.backbones import Backbone
-from trainer.bottleneck import build_feature_extractor, cache_key, is_saved, save_dataset
 from trainer.config import AugmentConfig
-from trainer.data import DataInfo, batch_for_replicas, image_dataset
+from trainer.data.features import cache_key, is_saved, save_dataset
+from trainer.data.info import DataInfo
+from trainer.data.records import batch_for_replicas, image_dataset
+from trainer.model.backbones import Backbone
+from trainer.model.classifier import build_feature_extractor
+from trainer.progress import Progress
 
-log = logging.getLogger("trainer.finetune_cache")
-
-PROGRESS_EVERY_S = 60.0
-
-
-def boundary_layer(backbone: Backbone, backbone_model, max_depth: int) -> str | None:
-    """The name of the first layer of the lowest block a fine-tune of ``max_depth`` blocks unfreezes.
-
-    None when nothing below the boundary stays frozen (``max_depth`` 0 or all
-    blocks) or when the part above it needs a tensor from below it (the cache
-    could not feed it).
-    """
-    import keras
-
-    blocks = backbone.blocks(backbone_model)
-    if max_depth <= 0 or max_depth >= len(blocks):
-        return None
-    first = blocks[len(blocks) - max_depth][0]
-    try:
-        keras.Model(first.input, backbone_model.output)
-    except ValueError:
-        return None
-    return first.name
-
-
-def upper_backbone(backbone_model, boundary: str):
-    """``boundary activations -> backbone output``, sharing the layers (and weights) of ``backbone_model``."""
-    import keras
-
-    return keras.Model(backbone_model.get_layer(boundary).input, backbone_model.output,
-                       name=f"{backbone_model.name}_above_{boundary}")
+log = logging.getLogger("trainer.data.activations")
 
 
 class ActivationCache:
@@ -120,7 +93,7 @@ class ActivationCache:
         if not missing:
             log.info("fine-tune cache: reusing %s", self.path)
             return {}
-        from trainer.augment import build_augmenter
+        from trainer.model.augment import build_augmenter
 
         lower = build_feature_extractor(self.backbone, self.weights_path, self.image_size, up_to=self.boundary)
         augmenter = build_augmenter(self.augment, self.seed + 7)
@@ -144,7 +117,7 @@ class ActivationCache:
     def _write(self, lower, augmenter, split: str, views: int) -> int:
         import tensorflow as tf
 
-        from trainer.augment import augment_batch
+        from trainer.model.augment import augment_batch
 
         tf.io.gfile.makedirs(self.path)
         images = image_dataset(self.info, split, self.image_size, self.batch_size)
@@ -159,15 +132,12 @@ class ActivationCache:
 
         total = self.info.size(split)
 
+        progress = Progress(f"fine-tune cache: {split} ({views} view{'s' if views > 1 else ''} each)", total)
+
         def elements():
-            done, started, reported = 0, time.perf_counter(), time.perf_counter()
             for x, y in images:
                 yield tf.stack([forward(x) for _ in range(views)], axis=1), y
-                done += int(y.shape[0])
-                if time.perf_counter() - reported > PROGRESS_EVERY_S and done < total:
-                    reported = time.perf_counter()
-                    log.info("fine-tune cache: %s, %d of %d images (%.0f views/s)", split, done, total,
-                             done * views / (reported - started))
+                progress.add(int(y.shape[0]))
 
         signature = (tf.TensorSpec((None, views, *shape), dtype), tf.TensorSpec((None,), tf.int32))
         dataset = tf.data.Dataset.from_generator(elements, output_signature=signature).unbatch()

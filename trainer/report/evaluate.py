@@ -7,7 +7,7 @@ Two entry points:
   the exported SavedModel, a TF Serving gRPC response) can be scored the same
   way, so the end-to-end check compares like with like.
 * :func:`evaluate_model` runs a Keras model over a ``tf.data`` dataset, computes
-  those metrics, writes ``metrics.json`` and draws the plots (``trainer.plots``).
+  those metrics, writes ``metrics.json`` and draws the plots (``trainer.report.plots``).
 
 Definitions follow scikit-learn's so figures can be checked against it:
 precision/recall/F1 are 0.0 where undefined (no predictions, no support);
@@ -222,7 +222,7 @@ def evaluate_model(model, dataset, labels: Sequence[str], out_dir: str, *,
     as ``{"phase1": History.history, "phase2": History.history}`` (any number
     of phases, in order), ``training_curves.png``. Returns the metrics dict.
     """
-    from trainer import plots
+    from trainer.report import plots
 
     y_true, probabilities = predict_dataset(model, dataset)
     metrics = metrics_from_probabilities(y_true, probabilities, labels, top_k)

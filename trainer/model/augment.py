@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import keras
 
+from trainer.compat import keras as compat_keras
 from trainer.config import AugmentConfig
 
 
@@ -37,9 +38,10 @@ class RandomRotationZoom(keras.layers.RandomRotation):
         ops = self.backend
         batch_size = transformation["batch_size"]
         scale = ops.random.uniform(shape=(batch_size,), minval=1.0 - self.zoom, maxval=1.0 + self.zoom,
-                                   seed=self._get_seed_generator(ops._backend))
+                                   seed=compat_keras.seed_generator(self))
         zeros = ops.numpy.zeros([batch_size])
-        matrix = self._compute_affine_matrix(
+        matrix = compat_keras.affine_matrix(
+            self,
             center_x=0.5, center_y=0.5, angle=transformation["angle"], translate_x=zeros, translate_y=zeros,
             scale=scale, shear_x=zeros, shear_y=zeros,
             height=transformation["image_height"], width=transformation["image_width"])

@@ -23,9 +23,11 @@ import time
 
 import keras_tuner as kt
 
+from trainer import distribute
+from trainer.compat import keras_tuner as compat
 from trainer.config import TrainConfig, UserError
 
-log = logging.getLogger("trainer.search")
+log = logging.getLogger("trainer.search.tuner")
 
 SEARCH_FILE = "search.json"
 OBJECTIVE = kt.Objective("val_accuracy", direction="max")
@@ -82,7 +84,7 @@ class _ProgressMixin:
                      _duration(took), score, left)
         if _is_local_oracle(self.oracle):
             # Rewritten after every trial, so a long or interrupted search keeps its table and times.
-            from trainer.reports import write_trials_table
+            from trainer.search.tables import write_trials_table
 
             try:
                 write_trials_table(self.oracle, self.project_dir, elapsed_s=self.__dict__["trial_seconds"],
@@ -92,21 +94,19 @@ class _ProgressMixin:
 
 
 def _is_local_oracle(oracle) -> bool:
-    """Whether this process holds the search's trials (not a distributed-tuning worker's gRPC client)."""
-    return hasattr(oracle, "trials") and type(oracle).__name__ != "OracleClient"
+    """Whether this process holds the search's trials (not a distributed-tuning worker's gRPC client).
+
+    Keras Tuner gives a worker (``KERASTUNER_TUNER_ID`` not a chief) an oracle
+    client in place of the oracle; the role is read from those variables.
+    """
+    return distribute.tuning_role() != "worker" and hasattr(oracle, "trials")
 
 
 def scheduled_trials(oracle) -> int | None:
     """How many trials the search will run: ``max_trials``, or Hyperband's schedule (None when unknown)."""
     if getattr(oracle, "max_trials", None):
         return oracle.max_trials
-    try:
-        iterations = int(oracle.hyperband_iterations)
-        brackets = oracle._get_num_brackets()
-        per_iteration = sum(oracle._get_size(b, r) for b in range(brackets) for r in range(oracle._get_num_rounds(b)))
-    except (AttributeError, TypeError, ValueError, OverflowError):
-        return None
-    return iterations * per_iteration
+    return compat.hyperband_trials(oracle)
 
 
 def is_complete(tuner) -> bool:

@@ -1,12 +1,10 @@
-"""The trainer's input: what the preprocessing job wrote, checked, and read with tf.data.
+"""What the trainer knows about ``DATA`` before it reads an image: classes, splits, shards and counts.
 
-Records are read with the shared contract module (``preprocessing.tfrecords``)
-so the trainer decodes and resizes exactly as the serving graph will. Shards
-are interleaved in parallel, decoding runs in parallel, and batches are
-prefetched with autotuning; nothing holds the whole dataset in memory unless
-``cache="memory"`` is asked for.
-
-When the data has no validation split, one is carved from train by hashing each
+:func:`inspect_data` checks a preprocessing output folder and returns a
+:class:`DataInfo`. Counts come from ``stats.json`` (written by preprocessing),
+checked against the shards' names and sizes without reading a record; a
+folder without one is counted by reading its labels (and says so). When the
+data has no validation split, one is carved from train by hashing each
 record's sha256: deterministic, and stable when images are added.
 """
 
@@ -24,7 +22,6 @@ from trainer.config import UserError
 log = logging.getLogger("trainer.data")
 
 _BUCKETS = 1000
-
 
 @dataclass(frozen=True)
 class DataInfo:
@@ -51,7 +48,6 @@ class DataInfo:
         """The split the final model is evaluated and gated on: test, or validation when there is no test."""
         return "test" if self.size("test") else "validation"
 
-
 def inspect_data(data_dir: str, validation_fraction: float = 0.2) -> DataInfo:
     """Check ``DATA`` and count its records per split and class; raise :class:`UserError` on bad input."""
     import tensorflow as tf
@@ -77,10 +73,14 @@ def inspect_data(data_dir: str, validation_fraction: float = 0.2) -> DataInfo:
         raise UserError(f"--data {data_dir}: stats.json resize_mode {resize_mode!r} is not one of "
                         f"{', '.join(tfrecords.RESIZE_MODES)}")
     carve = not shards["validation"]
-    counts = {}
-    for split in tfrecords.SPLITS:
-        if shards[split]:
-            counts.update(_count_split(data_dir, split, shards[split], labels, carve, validation_fraction))
+    counts = _counts_from_stats(data_dir, labels, shards)
+    if counts is None or carve:
+        counts = counts or {}
+        for split in tfrecords.SPLITS:
+            if shards[split] and (split not in counts or (carve and split == "train")):
+                log.info("counting the %s records of %s (%s)", split, data_dir,
+                         "carving a validation split" if carve and split == "train" else "no usable stats.json")
+                counts.update(_count_split(data_dir, split, shards[split], labels, carve, validation_fraction))
     if not sum(counts.get("train", [])):
         raise UserError(f"--data {data_dir}: the train split has no records")
     present = sum(1 for n in counts["train"] if n)
@@ -94,6 +94,45 @@ def inspect_data(data_dir: str, validation_fraction: float = 0.2) -> DataInfo:
         raise UserError(f"--data {data_dir}: the validation split is empty (too few train records to carve one)")
     return info
 
+def _counts_from_stats(data_dir: str, labels: list[str], shards: dict[str, list[str]]) -> dict | None:
+    """Per-split, per-class counts from ``stats.json``, checked cheaply against the shards; None when unusable.
+
+    Usable when stats.json names the same classes as labels.txt and every
+    split it counts has exactly its shards: ``{split}-NNNNN-of-NNNNN`` for
+    every N, none empty when the split has records. The records themselves are
+    not read (a million-image folder is counted in milliseconds, on every worker).
+    """
+    import tensorflow as tf
+
+    path = os.path.join(data_dir, tfrecords.STATS_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        with tf.io.gfile.GFile(path) as handle:
+            stats = json.load(handle)
+        by_split = stats["by_split_and_class"]
+        if list(stats.get("labels") or []) != list(labels):
+            log.warning("%s: stats.json's classes differ from %s; counting the records", data_dir,
+                        tfrecords.LABELS_FILE)
+            return None
+        counts = {split: [int(by_split.get(split, {}).get(name, {}).get("written", 0)) for name in labels]
+                  for split in tfrecords.SPLITS}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    for split, files in shards.items():
+        names = [os.path.basename(f) for f in files]
+        expected = [f"{split}-{i:05d}-of-{len(names):05d}{tfrecords.SHARD_SUFFIX}" for i in range(len(names))]
+        if names != expected:
+            raise UserError(f"--data {data_dir}: the {split} shards are not a complete set "
+                            f"{split}-NNNNN-of-{len(names):05d} (found {', '.join(names[:3])}...); "
+                            "a shard is missing or left over from another run")
+        if sum(counts[split]) and any(tf.io.gfile.stat(f).length == 0 for f in files):
+            raise UserError(f"--data {data_dir}: an empty {split} shard, but stats.json counts "
+                            f"{sum(counts[split])} {split} records; re-run preprocessing")
+        if sum(counts[split]) and not files:
+            raise UserError(f"--data {data_dir}: stats.json counts {sum(counts[split])} {split} records but "
+                            f"there is no {split} shard")
+    return {split: n for split, n in counts.items() if shards[split]}
 
 def corrupt_shards(files: list[str]) -> list[tuple[str, str]]:
     """``(shard, reason)`` for each file that does not read to its end as TFRecords (one pass per shard)."""
@@ -110,7 +149,6 @@ def corrupt_shards(files: list[str]) -> list[tuple[str, str]]:
             bad.append((path, type(error).__name__))
     return bad
 
-
 def _op_message(error) -> str:
     """TensorFlow's reason without its function-node prefix and op suffix."""
     import re
@@ -119,7 +157,6 @@ def _op_message(error) -> str:
     text = re.sub(r"\{\{.*?\}\}\s*", "", text)
     text = re.sub(r"\s*\[Op:.*$", "", text).strip()
     return text or type(error).__name__
-
 
 def corrupt_data_error(data_dir: str, shards: dict[str, list[str]]) -> UserError:
     """The one-line error for a ``DataLossError`` while reading ``shards``: which shard of which split, and why.
@@ -136,7 +173,6 @@ def corrupt_data_error(data_dir: str, shards: dict[str, list[str]]) -> UserError
     return UserError(f"--data {data_dir}: corrupt or truncated TFRecord file: {named}{more}; "
                      "re-run preprocessing to rewrite it")
 
-
 def read_options(data_dir: str) -> dict:
     """The preprocessing options recorded in ``DATA/stats.json`` (empty without one)."""
     import tensorflow as tf
@@ -150,13 +186,11 @@ def read_options(data_dir: str) -> dict:
     except (ValueError, AttributeError) as error:
         raise UserError(f"--data {data_dir}: stats.json is not valid JSON ({error})") from None
 
-
 def _validation_bucket(sha, source_id):
     import tensorflow as tf
 
     key = tf.where(tf.strings.length(sha) > 0, sha, source_id)
     return tf.strings.to_hash_bucket_fast(key, _BUCKETS)
-
 
 def _count_split(data_dir, split, files, labels, carve, fraction) -> dict[str, list[int]]:
     """Per-class counts of one split (and the carved validation), checking labels against labels.txt."""
@@ -190,136 +224,12 @@ def _count_split(data_dir, split, files, labels, carve, fraction) -> dict[str, l
                             f"{tfrecords.LABELS_FILE} line {label + 1} says {labels[label]!r}")
     return counts
 
-
-def _records(info: DataInfo, split: str, *, shuffle: bool, seed: int, ordered: bool = False):
-    """Serialized-parsed records of a split (or the carved part of train) as ``(encoded, label)``.
-
-    Shuffled reads may come out of order (faster) unless ``ordered``.
-    """
-    import tensorflow as tf
-
-    source = "train" if (info.carved_validation and split == "validation") else split
-    files = info.shards[source]
-    if not files:
-        raise UserError(f"--data {info.data_dir}: no {split} shards")
-    dataset = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle:
-        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    deterministic = ordered or not shuffle
-    dataset = dataset.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
-                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-    dataset = dataset.map(tfrecords.parse_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-    if info.carved_validation and source == "train":
-        threshold = int(info.validation_fraction * _BUCKETS)
-        keep_validation = split == "validation"
-
-        def _in_split(example):
-            bucket = _validation_bucket(example[tfrecords.SHA256], example[tfrecords.SOURCE_ID])
-            return (bucket < threshold) if keep_validation else (bucket >= threshold)
-
-        dataset = dataset.filter(_in_split)
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(info.size(split)))
-    return dataset.map(lambda e: (e[tfrecords.ENCODED], e[tfrecords.LABEL]))
-
-
-def batch_for_replicas(dataset, batch_size: int, count: int, replicas: int = 1, *, train: bool = False):
-    """Batch so that every batch splits evenly over ``replicas`` (several replicas only).
-
-    Keras 3 on a ``MirroredStrategy`` fails on a final batch that does not
-    split evenly over the replicas. Training batches drop the remainder;
-    evaluation batches keep all but fewer than ``replicas`` examples (the tail
-    goes in batches of ``replicas``).
-    """
-    if replicas <= 1:
-        return dataset.batch(batch_size)
-    batch_size = max(replicas, (batch_size // replicas) * replicas)
-    if train:
-        batch_size = max(replicas, min(batch_size, (count // replicas) * replicas))
-        return shard_by_data(dataset.batch(batch_size, drop_remainder=True))
-    full = (count // batch_size) * batch_size
-    return shard_by_data(dataset.take(full).batch(batch_size, drop_remainder=True).concatenate(
-        dataset.skip(full).batch(replicas, drop_remainder=True)))
-
-
-def shard_by_data(dataset):
-    """Shard over the workers of a multi-worker strategy by batches, not by files.
-
-    ``MultiWorkerMirroredStrategy`` auto-shards a dataset across workers. By
-    files (the default for TFRecords) a worker can get no file at all (fewer
-    shards than workers), and workers with files of different sizes take
-    different numbers of steps; in-memory features have no files. ``DATA``
-    gives every worker the same number of steps: each reads the whole split in
-    the same (seeded) order and keeps its own replicas' slices of every global
-    batch, whose sizes :func:`batch_for_replicas` makes divisible by the
-    replicas. (The cost: every worker decodes every image of a split.) On one
-    machine the policy changes nothing.
-    """
-    import tensorflow as tf
-
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options)
-
-
-def image_dataset(info: DataInfo, split: str, image_size: tuple[int, int], batch_size: int, *,
-                  shuffle: bool = False, seed: int = 0, augmenter=None, cache: str | None = None,
-                  repeat: bool = False, replicas: int = 1, ordered: bool = False):
-    """Batches of ``(images float32 [B, H, W, 3] in [0, 255], labels int32 [B])`` of one split.
-
-    ``cache`` is None, ``"memory"`` or a file path prefix (decoded images are
-    cached after the first pass). ``augmenter`` (see :mod:`trainer.augment`)
-    runs on shuffled training batches only. ``ordered``: the shuffled order
-    is a function of ``seed`` alone (the workers of a multi-worker strategy
-    must read the same order, see :func:`shard_by_data`); otherwise parallel
-    reads and decodes may reorder it.
-    """
-    import tensorflow as tf
-
-    from trainer.augment import augment_dataset
-
-    size = tuple(int(s) for s in image_size)
-    mode = info.resize_mode
-    dataset = _records(info, split, shuffle=shuffle, seed=seed, ordered=ordered)
-    if shuffle and not cache:
-        # Shuffle encoded records (small), not decoded float images (a 224 px image is 600 KB).
-        dataset = dataset.shuffle(min(max(info.size(split), 1), 10000), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.map(lambda encoded, label: (tfrecords.decode_and_resize(encoded, size, mode),
-                                                  tf.cast(label, tf.int32)),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered or not shuffle)
-    if cache == "memory":
-        dataset = dataset.cache()
-    elif cache:
-        tf.io.gfile.makedirs(os.path.dirname(cache) or ".")
-        dataset = dataset.cache(cache)
-    if shuffle and cache:
-        dataset = dataset.shuffle(min(max(info.size(split), 1), 4096), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        dataset = dataset.repeat()
-    dataset = batch_for_replicas(dataset, batch_size, info.size(split), replicas, train=shuffle)
-    if shuffle and augmenter is not None:
-        dataset = augment_dataset(dataset, augmenter)
-    return dataset.prefetch(tf.data.AUTOTUNE)
-
-
-def encoded_examples(info: DataInfo, split: str, limit: int | None = None) -> tuple[list[bytes], list[int]]:
-    """Encoded image bytes and labels of a split, in file order (for export checks and the gate)."""
-    dataset = _records(info, split, shuffle=False, seed=0)
-    if limit:
-        dataset = dataset.take(limit)
-    images, labels = [], []
-    for encoded, label in dataset.as_numpy_iterator():
-        images.append(bytes(encoded))
-        labels.append(int(label))
-    return images, labels
-
-
 def class_weights(info: DataInfo) -> dict[int, float]:
     """``n / (classes * n_c)`` per train class (sklearn's "balanced"), 0 for an absent class."""
     counts = info.counts["train"]
     total = sum(counts)
     present = sum(1 for c in counts if c)
     return {i: (total / (present * c) if c else 0.0) for i, c in enumerate(counts)}
-
 
 def describe_counts(info: DataInfo) -> str:
     parts = []

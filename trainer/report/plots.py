@@ -2,7 +2,7 @@
 
 Each function draws one PNG from plain numbers, writes it to ``path`` (any
 TF filesystem: the figure is rendered in memory, then written with
-``tf.io.gfile``) and returns the path. ``trainer.evaluate`` computes the numbers.
+``tf.io.gfile``) and returns the path. ``trainer.report.evaluate`` computes the numbers.
 """
 
 from __future__ import annotations
