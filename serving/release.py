@@ -208,7 +208,7 @@ def _read_json(path: str) -> dict | None:
 
 def version_info(base_path: str, version: int) -> dict:
     """Accuracy and export time recorded in the version's own metadata.json."""
-    from trainer.export import ASSETS_EXTRA, METADATA_FILE
+    from trainer.publish.export import ASSETS_EXTRA, METADATA_FILE
 
     meta = _read_json(os.path.join(base_path, str(version), ASSETS_EXTRA, METADATA_FILE)) or {}
     accuracy = (meta.get("metrics") or {}).get("accuracy")
@@ -235,7 +235,7 @@ def gate_for(version: int, info: dict, gate: dict | None) -> dict | None:
 
 def inventory(base_path: str, gate_file: str | None, history: dict) -> dict[int, dict]:
     """Every version on disk: accuracy, gate verdict (recording newly tied verdicts in ``history``)."""
-    from trainer.export import list_versions
+    from trainer.publish.export import list_versions
 
     gate = _read_json(gate_file) if gate_file else None
     found = {}

@@ -89,6 +89,8 @@ def write_tfrecord_data(root: pathlib.Path, *, per_class: int = 16, size: int = 
     (root / tfrecords.STATS_FILE).write_text(json.dumps({
         "options": {"image_size": [size, size], "resize_mode": "stretch", "image_format": "jpeg"},
         "written": counts, "by_split_and_class": by_split, "labels": labels,
+        "shards": {split: {f"{split}-00000-of-00001.tfrecord": (root / f"{split}-00000-of-00001.tfrecord").stat().st_size}
+                   for split in tfrecords.SPLITS},
     }))
     (root / tfrecords.ERRORS_FILE).write_text("")
     return root

@@ -99,7 +99,7 @@ def files(split_images) -> dict[str, bytes]:
 def record_probabilities(raw_export, files) -> np.ndarray:
     """The export's answers on the records the job would write for ``files`` (what training saw)."""
     from preprocessing import images
-    from trainer.export import load_predict_fn
+    from trainer.publish.export import load_predict_fn
 
     records = [images.convert(raw, IMAGE_SIZE, "stretch", image_format="png").encoded for raw in files.values()]
     return load_predict_fn(str(raw_export / "1"))(records)["probabilities"]

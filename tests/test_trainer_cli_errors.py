@@ -143,12 +143,25 @@ def test_from_the_shell_the_error_is_the_only_line_on_stderr(repo_root, tmp_path
     assert result.stderr.strip().splitlines() == [f"tlp-train: error: --data {tmp_path / 'nope'}: no such folder"]
 
 
-def test_a_truncated_shard_is_named_with_its_split(capsys, data_copy, tmp_path):
+def test_a_truncated_shard_is_named_with_its_split_before_a_record_is_read(capsys, data_copy, tmp_path):
     shard = data_copy / "validation-00000-of-00001.tfrecord"
     shard.write_bytes(shard.read_bytes()[:-100])
     _fails_in_one_line(capsys, ["--data", str(data_copy), "--job-dir", str(tmp_path / "job"), *QUICK],
-                       "validation shard validation-00000-of-00001.tfrecord", "truncated record",
-                       "re-run preprocessing")
+                       "validation shard validation-00000-of-00001.tfrecord", "truncated", "re-run preprocessing")
+
+
+def test_a_truncated_shard_of_a_folder_without_sizes_is_found_by_reading_it(capsys, data_copy, tmp_path):
+    import json
+
+    stats = json.loads((data_copy / "stats.json").read_text())
+    del stats["shards"]  # as an older preprocessing wrote it
+    (data_copy / "stats.json").write_text(json.dumps(stats))
+    shard = data_copy / "validation-00000-of-00001.tfrecord"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    rc = main(["--data", str(data_copy), "--job-dir", str(tmp_path / "job"), *QUICK])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    assert "validation shard validation-00000-of-00001.tfrecord" in err[-1] and "truncated record" in err[-1]
 
 
 def test_a_shard_that_breaks_during_a_trial_stops_the_search_naming_the_shard(data_copy, tmp_path):

@@ -71,7 +71,7 @@ def test_a_mirrored_mixed_precision_search_on_two_logical_cpus(tfrecord_data, tm
     assert json.loads((tmp_path / "summary.json").read_text())["export_version"] == 1
 
 
-def test_a_chief_and_two_workers_complete_one_search(tfrecord_data, tmp_path, repo_root):
+def test_a_chief_and_two_workers_complete_one_search_on_features_extracted_once(tfrecord_data, tmp_path, repo_root):
     port = str(_free_port())
     args = [sys.executable, "-m", "trainer", "--data", str(tfrecord_data), "--job-dir", str(tmp_path),
             "--tuner", "random", "--max-trials", "2", "--search-space", json.dumps({"finetune_depth": 0}), *QUICK]
@@ -91,6 +91,10 @@ def test_a_chief_and_two_workers_complete_one_search(tfrecord_data, tmp_path, re
     assert [w.returncode for w in workers] == [0, 0], "\n".join(log[-2000:] for log in worker_logs)
     assert chief.returncode == 0, chief_log[-3000:]
     assert sum(log.count("done in") for log in worker_logs) == 2
+    # The bottleneck features are extracted once for the whole search, by the chief; the workers read them.
+    assert chief_log.count("bottleneck features: train,") == 1
+    assert all("bottleneck features: train," not in log for log in worker_logs)
+    assert all("using the cache the chief built" in log for log in worker_logs)
     trials = json.loads((tmp_path / "tuner" / "trials.json").read_text())
     rows = trials if isinstance(trials, list) else trials.get("trials", [])
     assert sum(1 for row in rows if str(row.get("status")).upper() == "COMPLETED") == 2

@@ -173,7 +173,7 @@ def test_a_change_of_any_setting_that_alters_trials_is_refused_naming_old_and_ne
 def test_the_data_digest_follows_the_datas_content_not_the_run_that_wrote_it(tfrecord_data, tmp_path):
     import shutil
 
-    from trainer.search.tuner import data_digest
+    from trainer.search.identity import data_digest
 
     copy = tmp_path / "data"
     shutil.copytree(tfrecord_data, copy)
@@ -265,3 +265,23 @@ def test_a_current_backbone_runs_end_to_end_with_random_weights(tfrecord_data, t
     images, _ = records.encoded_examples(data_info.inspect_data(str(tfrecord_data)), "test")
     probabilities = load_predict_fn(str(tmp_path / "export" / "1"))(images)["probabilities"]
     assert probabilities.shape == (len(images), 3)
+
+
+def test_past_the_time_budget_no_new_trial_starts_and_the_best_so_far_is_published(tfrecord_data, tmp_path, caplog):
+    job = tmp_path / "job"
+    with caplog.at_level("INFO", logger="trainer"):
+        rc = main(["--data", str(tfrecord_data), "--job-dir", str(job), "--tuner", "random", "--max-trials", "5",
+                   "--max-search-time", "1s", "--search-space", SPACE, *QUICK])
+    assert rc == 0
+    assert _statuses(job) == ["COMPLETED"]  # the trial in flight at the deadline finished; no other started
+    assert (job / "export" / "1" / "saved_model.pb").exists()
+    assert any("--max-search-time reached" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("text", ["soon", "0", "5 minutes", "1x"])
+def test_a_time_budget_that_is_not_a_duration_is_one_line(text, tfrecord_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(tfrecord_data), "--job-dir", str(tmp_path), "--max-search-time", text])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-search-time" in err[0] and repr(text) in err[0]

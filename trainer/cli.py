@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-trials", type=_positive, default=None,
                    help=f"most hyperparameter sets to try (default {DEFAULT_MAX_TRIALS}; Hyperband: its own schedule "
                         "unless given)")
+    s.add_argument("--max-search-time", type=_duration, default=None, metavar="DURATION",
+                   help="time budget of the search, e.g. 45m, 2h, 1h30m or seconds: past it no new trial starts, the "
+                        "trial in flight finishes, and the best so far is retrained and exported (at least one "
+                        "trial runs; default: no limit)")
     s.add_argument("--epochs", type=_positive, default=d.epochs,
                    help=f"most epochs per training phase; early stopping on validation loss (default {d.epochs})")
     s.add_argument("--final-epochs", type=_positive, default=None,
@@ -151,12 +155,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _duration(text: str) -> float:
+    """``90``, ``45s``, ``30m``, ``2h``, ``1h30m``, ``1d``: seconds."""
+    import re
+
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    value = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        seconds = float(value)
+    elif re.fullmatch(r"(\d+(\.\d+)?[dhms])+", value):
+        seconds = sum(float(n) * units[u] for n, _, u in re.findall(r"(\d+(\.\d+)?)([dhms])", value))
+    else:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 45m, 2h, 1h30m, or seconds)")
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than zero")
+    return seconds
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     augment = AugmentConfig(enabled=args.augment, flip=args.flip, rotation=args.rotation, zoom=args.zoom,
                             contrast=args.contrast)
     return TrainConfig(
         data_dir=args.data, job_dir=args.job_dir, backbone=args.backbone, weights=args.weights,
-        image_size=args.image_size, tuner=args.tuner, max_trials=args.max_trials, epochs=args.epochs,
+        image_size=args.image_size, tuner=args.tuner, max_trials=args.max_trials,
+        max_search_time_s=args.max_search_time, epochs=args.epochs,
         final_epochs=args.final_epochs, batch_size=args.batch_size, seed=args.seed, search_space=args.search_space,
         augment=augment, class_weights=args.class_weights, validation_fraction=args.validation_fraction,
         early_stopping_patience=args.patience, mixed_precision=args.mixed_precision, cache_images=args.cache_images,

@@ -48,6 +48,7 @@ class TrainConfig:
     image_size: tuple[int, int] | None = None
     tuner: str = "hyperband"
     max_trials: int | None = None
+    max_search_time_s: float | None = None  # past it no new trial starts; the best so far is retrained
     epochs: int = 10
     final_epochs: int | None = None
     batch_size: int = 32

@@ -223,16 +223,17 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
     from trainer.data.inputs import TrialInputs
     from trainer.model.augment import build_augmenter
     from trainer.search import final
+    from trainer.search import identity as search_identity
     from trainer.search import tuner as search
     from trainer.search.hypermodel import TransferHyperModel
 
     started = time.perf_counter()
     role = distribute.tuning_role()
     plan = _plan(config)
-    identity = search.search_identity(config, plan.space, plan.image_size,
+    identity = search_identity.search_identity(config, plan.space, plan.image_size,
                                       _weights_id(config.weights, plan.weights_path),
                                       mixed_precision=distribute.uses_mixed_precision(config.mixed_precision))
-    mode = search.prepare_project(config, identity) if role != "worker" else "worker"
+    mode = search_identity.prepare_project(config, identity) if role != "worker" else "worker"
     if placement is None:
         placement = distribute.configure(config.strategy, config.mixed_precision)
     if config.export and config.export_precision == "float16" and not placement.mixed_precision:
@@ -258,12 +259,14 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
         _check_same_search(tuner, placement, config)
     if mode == "resume" and search.is_complete(tuner):
         log.info("the resumed search has run all its trials: on to the final fit (caches built only as it needs them)")
-    elif role != "chief":
-        features.ensure()
-        if activations is not None:
-            activations.ensure()
+    else:
+        from trainer.data.features import build_once
+
+        for cache in (features, activations):
+            if cache is not None:
+                build_once(cache, role)
     if role != "worker":
-        search.record_identity(config, identity)
+        search_identity.record_identity(config, identity)
     search_board = os.path.join(config.tensorboard_dir, "search")
     if role != "worker":
         from trainer.search.hparams import write_hparams_config

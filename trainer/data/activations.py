@@ -87,6 +87,9 @@ class ActivationCache:
     def _missing(self, split: str) -> bool:
         return not is_saved(self.split_path(split))
 
+    def ready(self, splits=("train", "validation")) -> bool:
+        return not any(self._missing(s) for s in splits)
+
     def ensure(self, splits=("train", "validation")) -> dict[str, float]:
         """Compute the splits that are not cached yet; return seconds spent per split."""
         missing = [s for s in splits if self._missing(s)]

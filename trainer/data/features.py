@@ -116,6 +116,9 @@ class FeatureCache:
             return True
         return self.keep_maps and not is_saved(self.split_path(split))
 
+    def ready(self, splits=("train", "validation")) -> bool:
+        return not any(self._missing(s) for s in splits)
+
     def ensure(self, splits=("train", "validation")) -> dict[str, float]:
         """Compute the features of ``splits`` that are not cached yet; return seconds spent per split."""
         missing = [s for s in splits if self._missing(s)]
@@ -191,16 +194,66 @@ class FeatureCache:
         return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def build_once(cache, role: str, *, patience_s: float = 120.0, poll_s: float = 1.0) -> None:
+    """Build ``cache`` (a :class:`FeatureCache` or ``ActivationCache``) once per distributed search.
+
+    The chief (or a single process) builds it, with a ``<cache>.building``
+    marker beside it while it does. A worker waits for the chief's: as long
+    as the marker is there, and up to ``patience_s`` for it to appear. When
+    none appears (a worker that does not share the chief's filesystem), or
+    the chief's build stops without publishing, the worker builds its own.
+    """
+    import tensorflow as tf
+
+    marker = f"{cache.path}.building"
+    if role != "worker":
+        tf.io.gfile.makedirs(os.path.dirname(marker) or ".")
+        with tf.io.gfile.GFile(marker, "w") as handle:
+            handle.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+        try:
+            cache.ensure()
+        finally:
+            if tf.io.gfile.exists(marker):
+                tf.io.gfile.remove(marker)
+        return
+    started = reported = time.monotonic()
+    seen_marker = False
+    while not cache.ready():
+        building = tf.io.gfile.exists(marker)
+        seen_marker = seen_marker or building
+        waited = time.monotonic() - started
+        if (seen_marker and not building) or (not seen_marker and waited > patience_s):
+            log.info("%s: no cache from the chief (%s); building it here", cache.path,
+                     "its build stopped" if seen_marker else f"none after {patience_s:.0f}s")
+            cache.ensure()
+            return
+        if time.monotonic() - reported >= 30.0:
+            reported = time.monotonic()
+            log.info("waiting for the chief's cache at %s (%.0fs)", cache.path, waited)
+        time.sleep(poll_s)
+    log.info("using the cache the chief built at %s", cache.path)
+
+
 def save_dataset(dataset, path: str, summary) -> None:
     """``dataset.save`` into a temporary sibling of ``path``, then a DONE marker holding ``summary()``, then publish.
 
     ``summary`` is called after the save, so it may report what the save
-    consumed (a generator's count). Readers check :func:`is_saved`.
+    consumed (a generator's count). Readers check :func:`is_saved`. A shard
+    that stops reading inside a ``from_generator`` dataset reaches the save
+    as an ``UnknownError``; it is raised again as the ``DataLossError`` it is,
+    so the run names the shard.
     """
     import tensorflow as tf
 
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    dataset.save(tmp)
+    try:
+        dataset.save(tmp)
+    except tf.errors.UnknownError as error:
+        if "DataLossError" not in (error.message or ""):
+            raise
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.rmtree(tmp)
+        raise tf.errors.DataLossError(None, None, error.message) from None
     with tf.io.gfile.GFile(os.path.join(tmp, DONE), "w") as handle:
         handle.write(json.dumps(summary()))
     _publish(tmp, path)

@@ -97,10 +97,11 @@ def inspect_data(data_dir: str, validation_fraction: float = 0.2) -> DataInfo:
 def _counts_from_stats(data_dir: str, labels: list[str], shards: dict[str, list[str]]) -> dict | None:
     """Per-split, per-class counts from ``stats.json``, checked cheaply against the shards; None when unusable.
 
-    Usable when stats.json names the same classes as labels.txt and every
-    split it counts has exactly its shards: ``{split}-NNNNN-of-NNNNN`` for
-    every N, none empty when the split has records. The records themselves are
-    not read (a million-image folder is counted in milliseconds, on every worker).
+    stats.json must name the classes of labels.txt, and every split must have
+    exactly its shards, ``{split}-NNNNN-of-NNNNN`` for every N, each of the
+    size stats.json records (``shards``; when it records none, not empty
+    where the split has records). The records themselves are not read (a
+    million-image folder is counted in milliseconds, on every worker).
     """
     import tensorflow as tf
 
@@ -111,14 +112,20 @@ def _counts_from_stats(data_dir: str, labels: list[str], shards: dict[str, list[
         with tf.io.gfile.GFile(path) as handle:
             stats = json.load(handle)
         by_split = stats["by_split_and_class"]
-        if list(stats.get("labels") or []) != list(labels):
-            log.warning("%s: stats.json's classes differ from %s; counting the records", data_dir,
-                        tfrecords.LABELS_FILE)
-            return None
-        counts = {split: [int(by_split.get(split, {}).get(name, {}).get("written", 0)) for name in labels]
+        named = [str(name) for name in stats["labels"]]
+        counts = {split: [int(by_split.get(split, {}).get(name, {}).get("written", 0)) for name in named]
                   for split in tfrecords.SPLITS}
+        sizes = stats.get("shards") or {}
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
+    if named != list(labels):
+        extra = [f"class id {i} {name!r}" for i, name in enumerate(named) if i >= len(labels)]
+        differ = [f"{tfrecords.LABELS_FILE} line {i + 1} says {a!r} but stats.json's class {i} is {b!r}"
+                  for i, (a, b) in enumerate(zip(labels, named)) if a != b]
+        reason = (f"the records use {', '.join(extra)}, which {tfrecords.LABELS_FILE} (with {len(labels)} classes) "
+                  "does not list" if extra and not differ else differ[0] if differ else
+                  f"{tfrecords.LABELS_FILE} lists {len(labels)} classes, stats.json {len(named)}")
+        raise UserError(f"--data {data_dir}: {reason}; re-run preprocessing rather than editing its output")
     for split, files in shards.items():
         names = [os.path.basename(f) for f in files]
         expected = [f"{split}-{i:05d}-of-{len(names):05d}{tfrecords.SHARD_SUFFIX}" for i in range(len(names))]
@@ -126,12 +133,16 @@ def _counts_from_stats(data_dir: str, labels: list[str], shards: dict[str, list[
             raise UserError(f"--data {data_dir}: the {split} shards are not a complete set "
                             f"{split}-NNNNN-of-{len(names):05d} (found {', '.join(names[:3])}...); "
                             "a shard is missing or left over from another run")
-        if sum(counts[split]) and any(tf.io.gfile.stat(f).length == 0 for f in files):
-            raise UserError(f"--data {data_dir}: an empty {split} shard, but stats.json counts "
-                            f"{sum(counts[split])} {split} records; re-run preprocessing")
         if sum(counts[split]) and not files:
             raise UserError(f"--data {data_dir}: stats.json counts {sum(counts[split])} {split} records but "
                             f"there is no {split} shard")
+        for path, name in zip(files, names):
+            size = tf.io.gfile.stat(path).length
+            recorded = sizes.get(split, {}).get(name)
+            if (recorded is not None and size != int(recorded)) or (not size and sum(counts[split])):
+                said = f"stats.json says {int(recorded):,}" if recorded is not None else "stats.json counts records"
+                raise UserError(f"--data {data_dir}: {split} shard {name} holds {size:,} bytes but {said} "
+                                "(truncated or rewritten); re-run preprocessing")
     return {split: n for split, n in counts.items() if shards[split]}
 
 def corrupt_shards(files: list[str]) -> list[tuple[str, str]]:

@@ -1,12 +1,10 @@
 """Creating, resuming and running the Keras Tuner search.
 
 The tuner project lives in ``JOB/tuner/``. Keras Tuner reloads it when it
-exists, which is how an interrupted search resumes; but it would also silently
-keep an old search space or tuner when the command changed. So the settings
-that define a search are written to ``JOB/tuner/search.json`` and compared on
-every start: a different search is refused (``--overwrite`` starts afresh),
-the same one resumes. ``--max-trials`` may change between runs (to extend a
-finished search).
+exists, which is how an interrupted search resumes (:mod:`trainer.search.identity`
+refuses a resume whose settings changed). ``--max-trials`` may change between
+runs (to extend a finished search); ``--max-search-time`` stops new trials
+past a time budget.
 
 Failed trials (NaN loss, out of memory) are Keras Tuner's ``FAILED`` trials:
 recorded, and the search goes on (it stops after 3 failures in a row). Memory
@@ -15,7 +13,6 @@ is released between trials by Keras Tuner (``clear_session`` + ``gc``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -29,7 +26,6 @@ from trainer.config import TrainConfig, UserError
 
 log = logging.getLogger("trainer.search.tuner")
 
-SEARCH_FILE = "search.json"
 OBJECTIVE = kt.Objective("val_accuracy", direction="max")
 MAX_CONSECUTIVE_FAILURES = 3
 
@@ -47,6 +43,12 @@ class _ProgressMixin:
     """
 
     _trial_started = 0.0
+    deadline: float | None = None  # time.monotonic() past which no new trial starts (--max-search-time)
+
+    def pre_create_trial(self):
+        super().pre_create_trial()
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            stop_new_trials(self.oracle)
 
     def on_trial_begin(self, trial):
         super().on_trial_begin(trial)
@@ -142,122 +144,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
-# Settings that change what a trial measures; every other flag may change on resume (docs/trainer.md).
-def search_identity(config: TrainConfig, space: dict, image_size, weights_id: str, *,
-                    mixed_precision: bool = False) -> dict:
-    """The settings that define a search: a resume must match all of them.
-
-    Everything that changes a trial's score is here, the data folder's digest
-    included, so a resumed search never ranks trials trained differently.
-    ``--max-trials``, the final fit (``--final-epochs``, ``--finetune-cache-final``),
-    caching locations, verbosity and the export gate are not: they change no
-    trial already run.
-    """
-    identity = {
-        "tuner": config.tuner,
-        "backbone": config.backbone,
-        "weights": weights_id,
-        "image_size": list(image_size),
-        "search_space": space,
-        "epochs": config.epochs,
-        "seed": config.seed,
-        "objective": OBJECTIVE.name,
-        "data_dir": config.data_dir if "://" in config.data_dir else os.path.abspath(config.data_dir),
-        "data_digest": data_digest(config.data_dir),
-        "batch_size": config.batch_size,
-        "strategy": config.strategy,
-        "mixed_precision": bool(mixed_precision),
-        "augment": dataclasses.asdict(config.augment),
-        "class_weights": config.class_weights,
-        "validation_fraction": config.validation_fraction,
-        "early_stopping_patience": config.early_stopping_patience,
-    }
-    if config.finetune_cache:
-        identity["finetune_cache"] = config.finetune_cache  # absent when off, so older searches still resume
-    return identity
-
-
-def data_digest(data_dir: str) -> str:
-    """sha256 of ``labels.txt`` and ``stats.json``'s content (or, without it, of the shard names and sizes).
-
-    ``stats.json``'s counts per split and class, source sizes and options
-    change when the folder is rewritten from other photos or options; its
-    run times (``run``) and metrics check (``cross_check``) are left out, so
-    re-running the same preprocessing command keeps the same digest.
-    """
-    import hashlib
-
-    import tensorflow as tf
-
-    from preprocessing import tfrecords
-
-    digest = hashlib.sha256()
-    labels = os.path.join(data_dir, tfrecords.LABELS_FILE)
-    if tf.io.gfile.exists(labels):
-        with tf.io.gfile.GFile(labels, "rb") as handle:
-            digest.update(handle.read())
-    stats = os.path.join(data_dir, tfrecords.STATS_FILE)
-    if tf.io.gfile.exists(stats):
-        with tf.io.gfile.GFile(stats, "rb") as handle:
-            try:
-                content = json.loads(handle.read())
-            except ValueError:
-                content = {}
-        content = {k: v for k, v in content.items() if k not in ("run", "cross_check")}
-        digest.update(json.dumps(content, sort_keys=True).encode())
-    else:
-        for shard in sorted(tf.io.gfile.glob(os.path.join(data_dir, "*.tfrecord*"))):
-            digest.update(f"{os.path.basename(shard)}:{tf.io.gfile.stat(shard).length}".encode())
-    return digest.hexdigest()[:16]
-
-
-def _shown(value) -> str:
-    text = json.dumps(value, sort_keys=True, separators=(",", ":")) if value is not None else "(unset)"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def prepare_project(config: TrainConfig, identity: dict) -> str:
-    """Refuse a changed search, or clear the project with ``--overwrite``; return "resume" or "fresh".
-
-    A refusal lists every setting that differs, old and new. Settings that a
-    record from an older trainer does not hold yet are taken as they are now
-    (logged), so such searches still resume.
-    """
-    import tensorflow as tf
-
-    project = config.tuner_dir
-    record = os.path.join(project, SEARCH_FILE)
-    if config.overwrite and tf.io.gfile.exists(project):
-        tf.io.gfile.rmtree(project)
-        log.info("--overwrite: removed the previous search in %s; starting afresh", project)
-        return "fresh"
-    if not tf.io.gfile.exists(project) or not tf.io.gfile.listdir(project):
-        return "fresh"
-    if not tf.io.gfile.exists(record):
-        raise UserError(f"--job-dir {config.job_dir}: {project} holds a search this trainer did not record; "
-                        "pass --overwrite to start afresh")
-    with tf.io.gfile.GFile(record) as handle:
-        previous = json.load(handle)
-    unrecorded = sorted(k for k in identity if k not in previous and k != "finetune_cache")
-    if unrecorded:
-        log.info("%s predates the check of %s: taking the current values", record, ", ".join(unrecorded))
-        previous = {**previous, **{k: identity[k] for k in unrecorded}}
-    changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-    if changed:
-        differences = "; ".join(f"{k} {_shown(previous.get(k))} -> {_shown(identity.get(k))}" for k in changed)
-        raise UserError(f"--job-dir {config.job_dir}: holds a search with different settings ({differences}); "
-                        "re-run with the same settings to resume, or pass --overwrite to start afresh")
-    return "resume"
-
-
-def record_identity(config: TrainConfig, identity: dict) -> None:
-    import tensorflow as tf
-
-    tf.io.gfile.makedirs(config.tuner_dir)
-    with tf.io.gfile.GFile(os.path.join(config.tuner_dir, SEARCH_FILE), "w") as handle:
-        json.dump(identity, handle, indent=2, sort_keys=True)
-
-
 # Keras Tuner's Oracle takes ``seed or random.randint(1, 10000)``: a seed of 0 would mean "unseeded".
 _ZERO_SEED = 2**31 - 1
 
@@ -288,8 +174,32 @@ def create_tuner(hypermodel, config: TrainConfig, strategy=None):
     return tuner
 
 
+def stop_new_trials(oracle) -> None:
+    """No trial starts after this (the ones running finish): the oracle's public ``max_trials`` becomes the
+    number of trials it has (at least one, so there is a best trial to retrain)."""
+    if _is_local_oracle(oracle):
+        have = len(oracle.trials)
+        if not oracle.max_trials or oracle.max_trials > max(1, have):
+            log.info("--max-search-time reached: no new trial starts (%d so far); the best is retrained next", have)
+            oracle.max_trials = max(1, have)
+
+
 def run_search(tuner, config: TrainConfig, callbacks: list) -> None:
-    """Run (or resume) the search; a search that cannot go on is a one-line :class:`UserError`."""
+    """Run (or resume) the search; a search that cannot go on is a one-line :class:`UserError`.
+
+    With ``--max-search-time`` the budget counts from now: the tuner checks it
+    before asking for each trial; the chief of a distributed search checks it
+    on a timer, and its workers then get no new trial from it.
+    """
+    timer = None
+    if config.max_search_time_s:
+        tuner.deadline = time.monotonic() + config.max_search_time_s
+        if distribute.tuning_role() == "chief":
+            import threading
+
+            timer = threading.Timer(config.max_search_time_s, stop_new_trials, args=(tuner.oracle,))
+            timer.daemon = True
+            timer.start()
     try:
         tuner.search(epochs=config.epochs, callbacks=callbacks, verbose=0)
     except RuntimeError as error:
@@ -297,6 +207,9 @@ def run_search(tuner, config: TrainConfig, callbacks: list) -> None:
             raise UserError(f"the search stopped: {MAX_CONSECUTIVE_FAILURES} trials in a row failed "
                             f"(see {config.tuner_dir}/trials.json)") from None
         raise
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def trial_counts(tuner) -> dict[str, int]:
