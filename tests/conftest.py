@@ -49,11 +49,11 @@ def sample_images(tmp_path_factory) -> pathlib.Path:
 
 
 def write_tfrecord_data(root: pathlib.Path, *, per_class: int = 16, size: int = 32, seed: int = 0,
-                        classes=("circle", "square", "triangle")) -> pathlib.Path:
+                        classes=("circle", "square", "triangle"), shards: int = 1) -> pathlib.Path:
     """A data folder as the preprocessing job writes it, made without Beam (fast, for trainer/serving tests).
 
     Images are drawn by ``preprocessing.sample_data`` at ``size``x``size``,
-    split 60/20/20 per class, one shard per split.
+    split 60/20/20 per class, ``shards`` shards per split (records dealt round-robin).
     """
     import hashlib
     import io
@@ -67,9 +67,8 @@ def write_tfrecord_data(root: pathlib.Path, *, per_class: int = 16, size: int = 
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
     labels = sorted(classes)
-    writers = {
-        split: tf.io.TFRecordWriter(str(root / f"{split}-00000-of-00001.tfrecord")) for split in tfrecords.SPLITS
-    }
+    names = {split: [f"{split}-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)] for split in tfrecords.SPLITS}
+    writers = {split: [tf.io.TFRecordWriter(str(root / name)) for name in names[split]] for split in tfrecords.SPLITS}
     counts = {split: 0 for split in tfrecords.SPLITS}
     by_split = {split: {name: {"written": 0} for name in sorted(classes)} for split in tfrecords.SPLITS}
     for label_id, name in enumerate(labels):
@@ -78,19 +77,19 @@ def write_tfrecord_data(root: pathlib.Path, *, per_class: int = 16, size: int = 
             buf = io.BytesIO()
             draw_image(name, rng, size, size).save(buf, format="JPEG", quality=95)
             data = buf.getvalue()
-            writers[split].write(tfrecords.serialize_example(
+            writers[split][counts[split] % shards].write(tfrecords.serialize_example(
                 encoded=data, image_format="jpeg", height=size, width=size, label=label_id, text=name,
                 source_id=f"{split}/{name}/{i}.jpg", sha256=hashlib.sha256(data).hexdigest()))
             counts[split] += 1
             by_split[split][name]["written"] += 1
-    for writer in writers.values():
-        writer.close()
+    for split_writers in writers.values():
+        for writer in split_writers:
+            writer.close()
     (root / tfrecords.LABELS_FILE).write_text("\n".join(labels) + "\n")
     (root / tfrecords.STATS_FILE).write_text(json.dumps({
         "options": {"image_size": [size, size], "resize_mode": "stretch", "image_format": "jpeg"},
         "written": counts, "by_split_and_class": by_split, "labels": labels,
-        "shards": {split: {f"{split}-00000-of-00001.tfrecord": (root / f"{split}-00000-of-00001.tfrecord").stat().st_size}
-                   for split in tfrecords.SPLITS},
+        "shards": {split: {name: (root / name).stat().st_size for name in names[split]} for split in tfrecords.SPLITS},
     }))
     (root / tfrecords.ERRORS_FILE).write_text("")
     return root

@@ -114,3 +114,25 @@ def test_a_missing_shard_is_named_before_training(tfrecord_data, tmp_path):
     (copy / "train-00000-of-00001.tfrecord").rename(copy / "train-00001-of-00002.tfrecord")
     with pytest.raises(UserError, match="train shards are not a complete set"):
         data_info.inspect_data(str(copy))
+
+
+def test_workers_read_disjoint_shards_that_cover_the_split(tmp_path):
+    data = write_tfrecord_data(tmp_path / "data", shards=3)
+    info = data_info.inspect_data(str(data))
+    own = [records.worker_shards(info, "train", (index, 2)) for index in range(2)]
+    assert sorted(f for files in own for f in files) == info.shards["train"]
+    assert not set(own[0]) & set(own[1])
+    assert records.worker_shards(info, "train", (0, 4)) is None  # fewer shards than workers: all read everything
+
+
+def test_a_worker_decodes_only_the_images_of_its_own_shards(tmp_path):
+    data = write_tfrecord_data(tmp_path / "data", shards=2)
+    info = data_info.inspect_data(str(data))
+    labels = []
+    for index in range(2):
+        files = records.worker_shards(info, "test", (index, 2))
+        mine = records._records(info, "test", shuffle=False, seed=0, files=files)
+        labels.append(sum(1 for _ in mine))
+    assert labels == [len(list(records._records(info, "test", shuffle=False, seed=0, files=[f])))
+                      for f in info.shards["test"]]
+    assert sum(labels) == info.size("test")

@@ -102,8 +102,15 @@ def test_a_chief_and_two_workers_complete_one_search_on_features_extracted_once(
 
 
 @pytest.mark.timeout(600)
-def test_two_workers_train_one_model_and_only_the_chief_writes_the_job_folder(tfrecord_data, tmp_path, repo_root):
-    """``MultiWorkerMirroredStrategy`` from TF_CONFIG: the head phase on cached features and a fine-tune phase."""
+def test_two_workers_train_one_model_and_only_the_chief_writes_the_job_folder(tmp_path, repo_root):
+    """``MultiWorkerMirroredStrategy`` from TF_CONFIG: the head phase on cached features and a fine-tune phase.
+
+    The data has two shards per split: each worker decodes only its own shard's images in the fine-tune
+    phase, so every image is decoded once per epoch across the cluster, not once per worker.
+    """
+    from conftest import write_tfrecord_data
+
+    tfrecord_data = write_tfrecord_data(tmp_path / "data", shards=2)
     job = tmp_path / "job"
     scratch = tmp_path / "tmp"
     scratch.mkdir()
@@ -129,6 +136,10 @@ def test_two_workers_train_one_model_and_only_the_chief_writes_the_job_folder(tf
     assert "worker 1 is not the chief" in other_log
     after_redirect = other_log.split("is not the chief", 1)[1].split("\n", 1)[1]
     assert str(job) not in after_redirect and str(scratch) in after_redirect
+    for index, log in enumerate(logs):
+        for split in ("train", "validation"):
+            assert (f"{split}: worker {index} of 2 reads its own 1 of 2 shards "
+                    f"({split}-{index:05d}-of-00002.tfrecord)") in log, log[-3000:]
     # Both phases ran on both workers, in lockstep: the same trial, the same validation score.
     assert all(log.count("done in") == 1 and "val_accuracy" in log for log in logs)
     scores = [log.split("done in", 1)[1].split("val_accuracy", 1)[1].split(";")[0].strip() for log in logs]

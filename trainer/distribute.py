@@ -47,6 +47,7 @@ class Placement:
     mixed_precision: bool
     replicas: int = 1
     workers: int = 1
+    worker_index: int = 0  # this process among ``workers`` (the chief first)
 
 
 def _tf_config() -> dict:
@@ -74,6 +75,13 @@ def task() -> tuple[str | None, int]:
         return spec.get("type"), int(spec.get("index", 0))
     except (TypeError, ValueError):
         raise UserError(f"TF_CONFIG: task index {spec.get('index')!r} is not an integer") from None
+
+
+def worker_index() -> int:
+    """This task's place among the cluster's workers, the chief (when the cluster names one) first."""
+    kind, index = task()
+    has_chief = bool((_tf_config().get("cluster") or {}).get("chief"))
+    return index + 1 if kind == "worker" and has_chief else index
 
 
 def is_chief() -> bool:
@@ -137,7 +145,9 @@ def configure(strategy: str = "auto", mixed_precision: bool | None = None) -> Pl
     if use_mixed and not has_gpu:
         log.warning("mixed precision on a CPU is slow; it is meant for GPUs")
     replicas = chosen.num_replicas_in_sync if chosen is not None else 1
-    return Placement(chosen, description, use_mixed, replicas, workers if multi_worker(strategy) else 1)
+    if multi_worker(strategy):
+        return Placement(chosen, description, use_mixed, replicas, workers, worker_index())
+    return Placement(chosen, description, use_mixed, replicas)
 
 
 def scratch_config(config):

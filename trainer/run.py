@@ -249,7 +249,8 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
         plan.info, plan.image_size, config.batch_size * placement.replicas, features=features,
         activations=activations, max_cached_depth=plan.max_depth, augmenter=build_augmenter(config.augment, config.seed),
         cache_images=config.cache_images, class_weight=weights, seed=config.seed, replicas=placement.replicas,
-        ordered=placement.workers > 1)
+        ordered=placement.workers > 1,
+        worker=(placement.worker_index, placement.workers) if placement.workers > 1 else None)
     model_builder = TransferHyperModel(
         plan.backbone, plan.weights_path, plan.image_size, plan.info.num_classes, plan.space, inputs,
         epochs=config.epochs, patience=config.early_stopping_patience, strategy=placement.strategy,

@@ -22,15 +22,31 @@ from trainer.data.info import _BUCKETS, DataInfo, _validation_bucket
 log = logging.getLogger("trainer.data.records")
 
 
-def _records(info: DataInfo, split: str, *, shuffle: bool, seed: int, ordered: bool = False):
+def source_shards(info: DataInfo, split: str) -> list[str]:
+    """The shard files a split is read from (train's, for a carved validation split)."""
+    return info.shards["train" if (info.carved_validation and split == "validation") else split]
+
+
+def worker_shards(info: DataInfo, split: str, worker: tuple[int, int]) -> list[str] | None:
+    """Worker ``index`` of ``count``'s own shards of ``split`` (every ``count``-th file from ``index``);
+    None when there are fewer shards than workers (each worker then reads the whole split)."""
+    index, count = worker
+    files = source_shards(info, split)
+    return files[index::count] if len(files) >= count else None
+
+
+def _records(info: DataInfo, split: str, *, shuffle: bool, seed: int, ordered: bool = False,
+             files: list[str] | None = None):
     """Serialized-parsed records of a split (or the carved part of train) as ``(encoded, label)``.
 
     Shuffled reads may come out of order (faster) unless ``ordered``.
+    ``files``: read only these of the split's shards (a worker's own).
     """
     import tensorflow as tf
 
     source = "train" if (info.carved_validation and split == "validation") else split
-    files = info.shards[source]
+    whole = files is None
+    files = info.shards[source] if whole else files
     if not files:
         raise UserError(f"--data {info.data_dir}: no {split} shards")
     dataset = tf.data.Dataset.from_tensor_slices(files)
@@ -49,7 +65,8 @@ def _records(info: DataInfo, split: str, *, shuffle: bool, seed: int, ordered: b
             return (bucket < threshold) if keep_validation else (bucket >= threshold)
 
         dataset = dataset.filter(_in_split)
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(info.size(split)))
+    if whole:
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(info.size(split)))
     return dataset.map(lambda e: (e[tfrecords.ENCODED], e[tfrecords.LABEL]))
 
 
@@ -94,7 +111,8 @@ def shard_by_data(dataset):
 
 def image_dataset(info: DataInfo, split: str, image_size: tuple[int, int], batch_size: int, *,
                   shuffle: bool = False, seed: int = 0, augmenter=None, cache: str | None = None,
-                  repeat: bool = False, replicas: int = 1, ordered: bool = False):
+                  repeat: bool = False, replicas: int = 1, ordered: bool = False,
+                  files: list[str] | None = None):
     """Batches of ``(images float32 [B, H, W, 3] in [0, 255], labels int32 [B])`` of one split.
 
     ``cache`` is None, ``"memory"`` or a file path prefix (decoded images are
@@ -103,6 +121,11 @@ def image_dataset(info: DataInfo, split: str, image_size: tuple[int, int], batch
     is a function of ``seed`` alone (the workers of a multi-worker strategy
     must read the same order, see :func:`shard_by_data`); otherwise parallel
     reads and decodes may reorder it.
+
+    ``files``: a worker of a multi-worker strategy reads only its own shards
+    (:func:`worker_shards`), so each image is decoded once per epoch across
+    the cluster. The dataset then repeats, yields global batches, and is not
+    sharded again by the strategy; the caller fixes the steps of an epoch.
     """
     import tensorflow as tf
 
@@ -110,7 +133,7 @@ def image_dataset(info: DataInfo, split: str, image_size: tuple[int, int], batch
 
     size = tuple(int(s) for s in image_size)
     mode = info.resize_mode
-    dataset = _records(info, split, shuffle=shuffle, seed=seed, ordered=ordered)
+    dataset = _records(info, split, shuffle=shuffle, seed=seed, ordered=ordered, files=files)
     if shuffle and not cache:
         # Shuffle encoded records (small), not decoded float images (a 224 px image is 600 KB).
         dataset = dataset.shuffle(min(max(info.size(split), 1), 10000), seed=seed, reshuffle_each_iteration=True)
@@ -124,9 +147,14 @@ def image_dataset(info: DataInfo, split: str, image_size: tuple[int, int], batch
         dataset = dataset.cache(cache)
     if shuffle and cache:
         dataset = dataset.shuffle(min(max(info.size(split), 1), 4096), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        dataset = dataset.repeat()
-    dataset = batch_for_replicas(dataset, batch_size, info.size(split), replicas, train=shuffle)
+    if files is not None:
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        dataset = dataset.repeat().batch(batch_size, drop_remainder=True).with_options(options)
+    else:
+        if repeat:
+            dataset = dataset.repeat()
+        dataset = batch_for_replicas(dataset, batch_size, info.size(split), replicas, train=shuffle)
     if shuffle and augmenter is not None:
         dataset = augment_dataset(dataset, augmenter)
     return dataset.prefetch(tf.data.AUTOTUNE)

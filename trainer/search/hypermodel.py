@@ -142,7 +142,10 @@ class TransferHyperModel(kt.HyperModel):
                     trainee.compile(optimizer=self._optimizer(hp, hp.get("finetune_learning_rate")),
                                     loss="sparse_categorical_crossentropy", metrics=["accuracy"])
                     start = len(self.last_history.get("phase1", {}).get("loss", []))
-                    history = trainee.fit(train, validation_data=validation, initial_epoch=start,
+                    steps = {} if self.inputs.cached_finetune(depth) else {
+                        "steps_per_epoch": self.inputs.image_steps("train"),
+                        "validation_steps": self.inputs.image_steps("validation")}
+                    history = trainee.fit(train, validation_data=validation, initial_epoch=start, **steps,
                                           epochs=start + budget,
                                           callbacks=self._callbacks(callbacks + hparams, f"fine-tune (top {depth} blocks)"),
                                           class_weight=self.inputs.class_weight, shuffle=False,
