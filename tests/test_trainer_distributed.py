@@ -135,7 +135,11 @@ def test_two_workers_train_one_model_and_only_the_chief_writes_the_job_folder(tm
     assert "MultiWorkerMirroredStrategy over 2 workers" in chief_log and "the chief" in chief_log
     assert "worker 1 is not the chief" in other_log
     after_redirect = other_log.split("is not the chief", 1)[1].split("\n", 1)[1]
-    assert str(job) not in after_redirect and str(scratch) in after_redirect
+    assert str(scratch) in after_redirect
+    assert all(str(job / "cache") in line for line in after_redirect.splitlines() if str(job) in line)
+    # The features are extracted once for the job: by the chief; the other worker reads the chief's cache.
+    assert chief_log.count("bottleneck features: train,") == 1 and "bottleneck features: train," not in other_log
+    assert "using the cache the chief built" in other_log
     for index, log in enumerate(logs):
         for split in ("train", "validation"):
             assert (f"{split}: worker {index} of 2 reads its own 1 of 2 shards "

@@ -154,15 +154,17 @@ def scratch_config(config):
     """A non-chief worker's config: its job folder (and default caches) in a new scratch folder.
 
     Returns ``(config, scratch)``; the caller deletes ``scratch`` at the end.
-    An explicit ``--cache-dir`` is kept (the feature cache publishes by
-    renaming, so workers can share one); ``--cache-images PATH`` moves into
+    The feature cache stays where the chief keeps it (``--cache-dir``, else
+    ``JOB/cache``): caches publish by renaming, the chief builds them, and a
+    worker waits for the chief's (building its own only when none appears,
+    as on a disk it does not share). ``--cache-images PATH`` moves into
     the scratch folder (two writers of one tf.data cache file would collide).
     """
     import tempfile
 
     kind, index = task()
     scratch = tempfile.mkdtemp(prefix=f"tlp-{kind or 'worker'}{index}-")
-    changes = {"job_dir": os.path.join(scratch, "job")}
+    changes = {"job_dir": os.path.join(scratch, "job"), "cache_dir": config.feature_cache_dir}
     if config.cache_images and config.cache_images != "memory":
         changes["cache_images"] = os.path.join(scratch, "images")
     log.info("%s %d is not the chief: it writes to the scratch folder %s (deleted at the end), not %s",

@@ -265,7 +265,7 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
 
         for cache in (features, activations):
             if cache is not None:
-                build_once(cache, role)
+                build_once(cache, role if chief else "worker")
     if role != "worker":
         search_identity.record_identity(config, identity)
     search_board = os.path.join(config.tensorboard_dir, "search")
