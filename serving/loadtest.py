@@ -88,7 +88,8 @@ def run_load(images: Sequence[bytes], config: LoadTestConfig, stop: threading.Ev
 
     ``stop``, when set by another thread, ends the run early (requests in flight finish).
     """
-    from serving.client import ClientOptions, PredictionClient, ServingClientError
+    from serving.client_types import ClientOptions, ServingClientError
+    from serving.grpc_client import PredictionClient
 
     if not images:
         raise ValueError("no images to send")
@@ -169,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from serving.client import ServingClientError, expand_images
+    from serving.client_cli import error_status
+    from serving.client_types import ServingClientError
+    from serving.images import expand_images
 
     try:
         config = LoadTestConfig(server=args.server, model=args.model, concurrency=args.concurrency,
@@ -184,12 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(path, "rb") as handle:
                 images.append(handle.read())
         result = run_load(images, config)
-    except ServingClientError as exc:
-        print(f"error: {args.server}: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ServingClientError, OSError, ValueError) as exc:
+        return error_status(exc, args.server)
     print(json.dumps(asdict(result), indent=2) if args.json else result.summary())
     return 0 if result.ok == result.requests else 1
 

@@ -38,6 +38,11 @@ The history of ``stable`` lives in a JSON file beside the config
 the previous stable versions, used by ``rollback``, and a log of every
 promote/rollback. Rolling back pops the stack; it does not push, so two
 rollbacks go two releases back.
+
+This module is the command line (``status``, ``promote``, ``rollback``); the
+config and history files are :mod:`serving.release_config`, the versions, the
+servers and the two-step label move :mod:`serving.release_plan`. Their public
+names are importable from here too.
 """
 
 from __future__ import annotations
@@ -47,22 +52,18 @@ import datetime as _dt
 import json
 import os
 import sys
-import tempfile
-import time
+
+from serving.release_config import (HEADER, HISTORY_SUFFIX, ReleaseError, atomic_write, history_path, model_entry,
+                                    read_config, read_history, render_config, served_versions, write_history)
+from serving.release_plan import (SCORE_EPSILON, STATE_AVAILABLE, STATE_END, Release, ServerError, gate_for,
+                                  inventory, labels_text, version_info, version_state, wait_available)
+
+__all__ = ["GATE_SOURCES", "HEADER", "HISTORY_SUFFIX", "LABELS", "SCORE_EPSILON", "STATE_AVAILABLE", "STATE_END",
+           "Release", "ReleaseError", "ServerError", "atomic_write", "build_parser", "cmd_promote", "cmd_rollback",
+           "cmd_status", "gate_for", "history_path", "inventory", "main", "model_entry", "read_config", "read_history",
+           "render_config", "served_versions", "version_info", "version_state", "wait_available", "write_history"]
 
 LABELS = ("canary", "stable")
-HISTORY_SUFFIX = ".history.json"
-SCORE_EPSILON = 1e-9
-STATE_AVAILABLE, STATE_END = 30, 50
-
-HEADER = """\
-# TF Serving model config (ModelServerConfig, text format), written by `python -m serving.release`
-# (tlp-release), which rewrites it on every promote/rollback: the `specific` version policy lists
-# exactly the versions the labels point to. Change labels with the tool (it moves a label to a new
-# version in two steps: load the version, then move the label): `python -m serving.release --help`,
-# docs/kubernetes.md. base_path is the trainer's JOB/export/ (numeric version folders). History of
-# `stable` (for rollback): this file's name + .history.json.
-"""
 
 GATE_SOURCES = """\
 Scores: a version's test accuracy is read from VERSION/assets.extra/metadata.json
@@ -78,311 +79,8 @@ A version "failed the gate" when its verdict is `forced` (published only because
 Verdict `unknown` (no gate.json tied to it) does not block."""
 
 
-class ReleaseError(Exception):
-    """A user mistake or a state the command refuses: one line, exit status 2."""
-
-
-class ServerError(Exception):
-    """A server did not load the version in time or failed to: exit status 1."""
-
-
-# -- the model config --------------------------------------------------------------------------
-def read_config(path: str):
-    """The ModelServerConfig in ``path`` (ReleaseError when missing or malformed)."""
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    if not os.path.isfile(path):
-        raise ReleaseError(f"model config file {path} not found")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        return text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
-    except (text_format.ParseError, UnicodeDecodeError) as exc:
-        raise ReleaseError(f"{path} is not a valid ModelServerConfig text proto: "
-                           f"{str(exc).splitlines()[0]}") from None
-
-
-def model_entry(config, path: str, name: str | None):
-    """The ModelConfig named ``name`` (or the only one)."""
-    models = list(config.model_config_list.config)
-    if not models:
-        raise ReleaseError(f"{path} has no model_config_list entries")
-    chosen = [m for m in models if m.name == name] if name else models
-    if not chosen:
-        raise ReleaseError(f"{path} has no model named {name!r} (models: {', '.join(m.name for m in models)})")
-    if len(chosen) > 1:
-        raise ReleaseError(f"{path} holds several models ({', '.join(m.name for m in models)}): pass --model-name")
-    return chosen[0]
-
-
-def served_versions(model) -> tuple[str, list[int]]:
-    """(policy kind, specific versions) of a ModelConfig."""
-    which = model.model_version_policy.WhichOneof("policy_choice") or "latest"
-    return which, sorted(set(model.model_version_policy.specific.versions)) if which == "specific" else []
-
-
-def render_config(config, model, labels: dict[str, int], versions: list[int]) -> str:
-    """``config`` with ``model``'s policy set to specific ``versions`` and its labels to ``labels``."""
-    from google.protobuf import text_format
-
-    model.model_version_policy.Clear()
-    model.model_version_policy.specific.versions.extend(sorted(set(versions)))
-    model.ClearField("version_labels")
-    for label in sorted(labels):
-        model.version_labels[label] = int(labels[label])
-    return HEADER + text_format.MessageToString(config)
-
-
-def atomic_write(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: temp file in the same folder, fsync, os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.chmod(tmp, 0o644)
-        except OSError:
-            pass
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-# -- history -------------------------------------------------------------------------------------
-def history_path(config_path: str) -> str:
-    return config_path + HISTORY_SUFFIX
-
-
-def read_history(config_path: str) -> dict:
-    path = history_path(config_path)
-    if not os.path.exists(path):
-        return {"stable": [], "events": [], "gates": {}}
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise ReleaseError(f"history file {path} is unreadable: {exc}") from None
-    data.setdefault("stable", [])
-    data.setdefault("events", [])
-    data.setdefault("gates", {})
-    return data
-
-
-def write_history(config_path: str, history: dict) -> None:
-    atomic_write(history_path(config_path), json.dumps(history, indent=2, sort_keys=True) + "\n")
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-# -- versions and their scores -------------------------------------------------------------------
-def _read_json(path: str) -> dict | None:
-    try:
-        import tensorflow as tf
-
-        with tf.io.gfile.GFile(path, "r") as handle:
-            data = json.loads(handle.read())
-        return data if isinstance(data, dict) else None
-    except Exception:  # noqa: BLE001 - a missing or broken file means "no information"
-        return None
-
-
-def version_info(base_path: str, version: int) -> dict:
-    """Accuracy and export time recorded in the version's own metadata.json."""
-    from trainer.publish.export import ASSETS_EXTRA, METADATA_FILE
-
-    meta = _read_json(os.path.join(base_path, str(version), ASSETS_EXTRA, METADATA_FILE)) or {}
-    accuracy = (meta.get("metrics") or {}).get("accuracy")
-    return {"accuracy": float(accuracy) if isinstance(accuracy, (int, float)) else None,
-            "exported": (meta.get("export") or {}).get("created")}
-
-
-def gate_for(version: int, info: dict, gate: dict | None) -> dict | None:
-    """The gate record ``gate`` (JOB/gate.json) if it belongs to ``version``, else None."""
-    if not gate or not gate.get("publish"):
-        return None
-    previous = gate.get("previous_version")
-    if (int(previous) if isinstance(previous, int) else 0) + 1 != version:
-        return None
-    score = gate.get("new_score")
-    if info["accuracy"] is not None and (not isinstance(score, (int, float))
-                                         or abs(float(score) - info["accuracy"]) > SCORE_EPSILON):
-        return None
-    if info["exported"] and gate.get("decided_at") and str(gate["decided_at"]) > str(info["exported"]):
-        return None
-    return {"verdict": "forced" if gate.get("forced") else "passed", "reason": str(gate.get("reason", "")),
-            "score": score, "decided_at": gate.get("decided_at")}
-
-
-def inventory(base_path: str, gate_file: str | None, history: dict) -> dict[int, dict]:
-    """Every version on disk: accuracy, gate verdict (recording newly tied verdicts in ``history``)."""
-    from trainer.publish.export import list_versions
-
-    gate = _read_json(gate_file) if gate_file else None
-    found = {}
-    for version in list_versions(base_path):
-        info = version_info(base_path, version)
-        tied = gate_for(version, info, gate)
-        if tied is not None:
-            history["gates"][str(version)] = tied
-        record = history["gates"].get(str(version))
-        info["gate"] = record["verdict"] if record else "unknown"
-        info["gate_reason"] = record["reason"] if record else ""
-        if info["accuracy"] is None and record and isinstance(record.get("score"), (int, float)):
-            info["accuracy"] = float(record["score"])
-        found[version] = info
-    return found
-
-
-# -- servers -------------------------------------------------------------------------------------
-def version_state(server: str, model_name: str, version: int, timeout: float = 5.0) -> tuple[int, str]:
-    """(state, error message) of ``version`` on ``server`` from GetModelStatus; state 0 when unknown."""
-    import grpc
-    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
-
-    request = get_model_status_pb2.GetModelStatusRequest()
-    request.model_spec.name = model_name
-    request.model_spec.version.value = version
-    with grpc.insecure_channel(server) as channel:
-        stub = model_service_pb2_grpc.ModelServiceStub(channel)
-        try:
-            response = stub.GetModelStatus(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return 0, ""
-            raise ServerError(f"{server}: GetModelStatus failed: {exc.code().name}: {exc.details()}") from None
-    for status in response.model_version_status:
-        if status.version == version:
-            return status.state, status.status.error_message
-    return 0, ""
-
-
-def wait_available(servers: list[str], model_name: str, version: int, timeout: float, say) -> None:
-    """Block until every server reports ``version`` AVAILABLE (ServerError on END or timeout)."""
-    deadline = time.monotonic() + timeout
-    pending = list(servers)
-    while pending:
-        for server in list(pending):
-            state, message = version_state(server, model_name, version)
-            if state == STATE_AVAILABLE:
-                say(f"{server}: version {version} is AVAILABLE")
-                pending.remove(server)
-            elif state == STATE_END and message:
-                raise ServerError(f"{server}: version {version} failed to load: {message}")
-        if pending:
-            if time.monotonic() > deadline:
-                raise ServerError(f"version {version} is not AVAILABLE on {', '.join(pending)} after {timeout:g}s "
-                                  f"(is the server polling this config file?)")
-            time.sleep(0.2)
-
-
-# -- commands ------------------------------------------------------------------------------------
-class Release:
-    """One command's view of the config, the versions on disk and the history."""
-
-    def __init__(self, args):
-        self.args = args
-        self.path = args.model_config_file
-        self.config = read_config(self.path)
-        self.model = model_entry(self.config, self.path, args.model_name)
-        self.base_path = args.model_base_path or self.model.base_path
-        if not self.base_path:
-            raise ReleaseError(f"{self.path} names no base_path for {self.model.name}: pass --model-base-path")
-        self.history = read_history(self.path)
-        self.gate_file = args.gate_file or os.path.join(os.path.dirname(self.base_path.rstrip("/")), "gate.json")
-        self.versions = inventory(self.base_path, self.gate_file, self.history)
-        self.labels = dict(self.model.version_labels)
-        self.policy, self.specific = served_versions(self.model)
-
-    def say(self, message: str) -> None:
-        print(message, flush=True)
-
-    def write(self, labels: dict[str, int], versions: list[int], what: str) -> None:
-        text = render_config(self.config, self.model, labels, versions)
-        atomic_write(self.path, text)
-        self.labels, self.specific, self.policy = dict(labels), sorted(set(versions)), "specific"
-        self.say(f"wrote {self.path}: {what} (versions {', '.join(map(str, self.specific)) or 'none'}; "
-                 f"labels {_labels_text(labels)})")
-
-    def check_promotable(self, version: int, force: bool) -> None:
-        if version not in self.versions:
-            on_disk = ", ".join(map(str, sorted(self.versions))) or "none"
-            hint = "" if self.versions or self.args.model_base_path else \
-                "; if the config's base_path is a container path, pass --model-base-path"
-            raise ReleaseError(f"version {version} does not exist under {self.base_path} (versions: {on_disk}{hint})")
-        info = self.versions[version]
-        failed = []
-        if info["gate"] == "forced":
-            failed.append(f"it was published only with --force ({info['gate_reason']})")
-        minimum = self.args.min_accuracy
-        if minimum is not None:
-            if info["accuracy"] is None:
-                failed.append(f"it records no test accuracy to compare with --min-accuracy {minimum:g}")
-            elif info["accuracy"] < minimum:
-                failed.append(f"its accuracy {info['accuracy']:.4f} is below --min-accuracy {minimum:g}")
-        if failed and not force:
-            raise ReleaseError(f"version {version} failed the gate: {'; '.join(failed)} (use --force to promote it)")
-        if failed:
-            self.say(f"warning: promoting version {version} although {'; '.join(failed)} (--force)")
-
-    def move_label(self, label: str, version: int) -> bool:
-        """Point ``label`` at ``version`` (two writes when the version is not served yet). True when done."""
-        args = self.args
-        if self.labels.get(label) == version and self.policy == "specific" and \
-                self.specific == sorted(set(self.labels.values())):
-            self.say(f"{label} already points to version {version}")
-            return True
-        final_labels = {**self.labels, label: version}
-        final_versions = sorted(set(final_labels.values()))
-        before = render_config(self.config, self.model, self.labels, self.specific or []) \
-            if self.policy == "specific" else None
-        if args.offline:
-            self.write(final_labels, final_versions, f"{label} -> {version} (--offline: one write)")
-            return True
-        served_now = set(self.specific) if self.policy == "specific" else set()
-        if version not in served_now:
-            staged = sorted(served_now | set(self.labels.values()) | {version})
-            self.write(self.labels, staged, f"step 1/2: load version {version}")
-            if not args.server:
-                self.say(f"staged: version {version} is now in the version policy, the labels did not move. "
-                         f"Once the server reports version {version} AVAILABLE, run the same command again "
-                         f"to move {label} (or pass --server HOST:PORT to wait here).")
-                return False
-        if args.server:
-            self.say(f"waiting for version {version} to be AVAILABLE on {', '.join(args.server)} "
-                     f"(up to {args.timeout:g}s)")
-            try:
-                wait_available(args.server, self.model.name, version, args.timeout, self.say)
-            except ServerError:
-                if before is not None and version not in served_now:
-                    atomic_write(self.path, before)
-                    self.say(f"restored {self.path} as it was (version {version} removed from the policy)")
-                raise
-        self.write(final_labels, final_versions, f"step 2/2: {label} -> {version}")
-        return True
-
-
-def _labels_text(labels: dict[str, int]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "none"
 
 
 def cmd_status(args) -> int:
@@ -410,7 +108,7 @@ def cmd_status(args) -> int:
     print(f"model {release.model.name}   config {release.path}   base {release.base_path}")
     policy = (f"specific {', '.join(map(str, release.specific))}" if release.policy == "specific"
               else f"{release.policy} (not managed by serving.release yet: the first promote rewrites it)")
-    print(f"policy {policy}   labels {_labels_text(release.labels)}")
+    print(f"policy {policy}   labels {labels_text(release.labels)}")
     header = f"{'VERSION':>7}  {'ACCURACY':>8}  {'GATE':<8}  {'LABELS':<14}  {'SERVED':<6}  EXPORTED"
     print(header)
     for row in rows:

@@ -22,237 +22,31 @@ TF Serving's net_http does. Errors are ``{"error": "message"}`` with the HTTP
 status TF Serving maps the gRPC code to (400 for INVALID_ARGUMENT and
 FAILED_PRECONDITION, 404 for NOT_FOUND, 503 for UNAVAILABLE...). Built on the
 standard library's ``ThreadingHTTPServer``: one thread per connection, enough
-for development.
+for development. The URL grammar lives in :mod:`serving.rest_routes`, the
+JSON bodies in :mod:`serving.rest_json`; this module is the HTTP handler.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import re
-import urllib.parse
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
-import numpy as np
 
-from serving import tensors
 from serving.errors import ServingError, invalid
 from serving.metrics import PROMETHEUS_PATH
-from serving.models import DEFAULT_SIGNATURE
+from serving.rest_json import ALWAYS_PRINT, debug_json, inputs_from_json, outputs_to_json, parse_json
+from serving.rest_routes import DISPATCH, Route
+from serving.servable import DEFAULT_SIGNATURE
 from serving.service import SIGNATURE_DEF_FIELD, ServingCore, Spec
 
 log = logging.getLogger("serving.rest")
 
-# TF Serving's paths (model_servers/http_rest_api_util.cc, http_rest_api_handler.h), matched as RE2::FullMatch
-# matches them: whole path (with its query string), case-insensitive ((?i)), \d as ASCII digits.
-_DISPATCH = re.compile(r"/v1/.*", re.IGNORECASE)
-_PREDICTION_PATH = re.compile(
-    r"/v1/models/([^/:]+)(?:(?:/versions/([0-9]+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)", re.IGNORECASE)
-_STATUS_PATH = re.compile(
-    r"/v1/models(?:/([^/:]+))?(?:(?:/versions/([0-9]+))|(?:/labels/([^/:]+)))?(?:/(metadata))?", re.IGNORECASE)
-_INT64_MAX = 2**63 - 1
 _MAX_BODY = 256 * 1024 * 1024
 _MAX_UNCOMPRESSED = 100 * 1024 * 1024  # net_http's ZLib::kMaxUncompressedBytes
-
-
-def _always_print_option() -> dict:
-    """TF Serving prints with always_print_fields_with_no_presence; the keyword's name depends on protobuf."""
-    import inspect
-
-    from google.protobuf import json_format
-
-    names = inspect.signature(json_format.MessageToDict).parameters
-    if "always_print_fields_with_no_presence" in names:  # protobuf >= 5.26
-        return {"always_print_fields_with_no_presence": True}
-    return {"including_default_value_fields": True}
-
-
-_ALWAYS_PRINT = _always_print_option()
-
-
-def _decode_value(value):
-    """JSON to Python, turning ``{"b64": ...}`` into bytes and text into UTF-8 bytes."""
-    if isinstance(value, dict):
-        if set(value) == {"b64"}:
-            try:
-                return base64.b64decode(value["b64"], validate=True)
-            except (ValueError, TypeError) as exc:
-                raise invalid(f"Unable to base64 decode: {exc}") from exc
-        raise invalid("JSON object other than {\"b64\": ...} is not a valid tensor value")
-    if isinstance(value, list):
-        return [_decode_value(v) for v in value]
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    return value
-
-
-def _to_array(alias: str, value, dtype: int) -> np.ndarray:
-    value = _decode_value(value)
-    try:
-        if dtype == tensors.DT_STRING:
-            array = np.array(value, dtype=object)
-            if any(not isinstance(v, bytes) for v in array.reshape(-1)):
-                raise invalid(f"input {alias} expects strings (or {{\"b64\": ...}}) but got other JSON values")
-            return array
-        return np.array(value, dtype=tensors._NUMPY[dtype])
-    except ServingError:
-        raise
-    except (ValueError, TypeError, KeyError) as exc:
-        raise invalid(f"input {alias} cannot be read as {tensors.dtype_name(dtype)}: {exc}") from exc
-
-
-def _inputs_from_json(body: dict, signature) -> tuple[dict[str, np.ndarray], bool]:
-    """The request's inputs as arrays typed by the signature; True when it used the row format."""
-    if not isinstance(body, dict):
-        raise invalid("Request body must be a JSON object")
-    if "instances" in body and "inputs" in body:
-        raise invalid("Not both 'instances' and 'inputs' can be specified in the request")
-    dtypes = {alias: info.dtype for alias, info in signature.inputs.items()}
-    if "instances" in body:
-        rows = body["instances"]
-        if not isinstance(rows, list) or not rows:
-            raise invalid("'instances' must be a non-empty JSON list")
-        named = all(isinstance(r, dict) and set(r) != {"b64"} for r in rows)
-        if named:
-            keys = set(rows[0])
-            if any(set(r) != keys for r in rows):
-                raise invalid("Every instance must name the same inputs")
-            columns = {k: [r[k] for r in rows] for k in keys}
-        else:
-            if len(dtypes) != 1:
-                raise invalid(f"The signature has {len(dtypes)} inputs; instances must be JSON objects naming them")
-            columns = {next(iter(dtypes)): rows}
-        row_format = True
-    elif "inputs" in body:
-        given = body["inputs"]
-        if isinstance(given, dict) and set(given) != {"b64"}:
-            columns = dict(given)
-        else:
-            if len(dtypes) != 1:
-                raise invalid(f"The signature has {len(dtypes)} inputs; 'inputs' must be a JSON object naming them")
-            columns = {next(iter(dtypes)): given}
-        row_format = False
-    else:
-        raise invalid("Missing 'inputs' or 'instances' key")
-    arrays = {}
-    for alias, value in columns.items():
-        if alias not in dtypes:
-            arrays[alias] = np.array([0])  # let validation name the extra input as TF Serving does
-            continue
-        arrays[alias] = _to_array(alias, value, dtypes[alias])
-    return arrays, row_format
-
-
-def _json_value(alias: str, array: np.ndarray):
-    if array.dtype == object or array.dtype.kind in ("S", "U"):
-        if alias.endswith("_bytes"):
-            convert = lambda v: {"b64": base64.b64encode(v).decode("ascii")}  # noqa: E731
-        else:
-            convert = lambda v: v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)  # noqa: E731
-        return np.vectorize(convert, otypes=[object])(array).tolist() if array.size else array.tolist()
-    return array.tolist()
-
-
-def _outputs_to_json(outputs: dict[str, np.ndarray], row_format: bool):
-    if not row_format:
-        if len(outputs) == 1:
-            alias, value = next(iter(outputs.items()))
-            return {"outputs": _json_value(alias, value)}
-        return {"outputs": {alias: _json_value(alias, value) for alias, value in outputs.items()}}
-    values = {alias: _json_value(alias, value) for alias, value in outputs.items()}
-    if len(values) == 1:
-        return {"predictions": next(iter(values.values()))}
-    rows = len(next(iter(values.values())))
-    return {"predictions": [{alias: values[alias][i] for alias in values} for i in range(rows)]}
-
-
-class _Route:
-    """What TF Serving's ParseModelInfo makes of a request's method and path (http_rest_api_util.cc)."""
-
-    def __init__(self, method: str, path: str):
-        self.method, self.path = method, path
-        self.ok = False
-        self.name = self.label = self.verb = self.subresource = ""
-        self.version: int | None = None
-        self.error: ServingError | None = None  # a parse error: TF Serving answers it with an empty body
-        match = None
-        if method == "POST":
-            match = _PREDICTION_PATH.fullmatch(path)
-            if match:
-                self.name, version, label, self.verb = (g or "" for g in match.groups())
-        elif method == "GET":
-            match = _STATUS_PATH.fullmatch(path)
-            if match:
-                self.name, version, label, self.subresource = (g or "" for g in match.groups())
-        self.ok = match is not None
-        if not self.ok:
-            return
-        self.name = _unescape(self.name)
-        if version:
-            self.version = int(version)
-            if self.version > _INT64_MAX:  # absl::SimpleAtoi into int64_t fails
-                self.version = None
-                self.error = invalid(f"Failed to convert version: {version} to numeric.")
-                return
-        if label:
-            self.label = _unescape(label)
-
-    def spec(self, signature_name: str = "") -> Spec:
-        return Spec(name=self.name, version=self.version, label=self.label or None, signature_name=signature_name)
-
-
-def _unescape(text: str) -> str:
-    """``curl_easy_unescape``: %XX sequences decoded, ``+`` left alone."""
-    return urllib.parse.unquote_to_bytes(text).decode("utf-8", errors="replace")
-
-
-def _debug_json(value, indent: int = 0) -> str:
-    """A JSON value as TF Serving quotes it in errors (rapidjson PrettyWriter, single-line arrays)."""
-    if isinstance(value, dict):
-        if not value:
-            return "{}"
-        pad = " " * (indent + 4)
-        items = [f"{pad}{json.dumps(k, ensure_ascii=False)}: {_debug_json(v, indent + 4)}" for k, v in value.items()]
-        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_debug_json(v, indent) for v in value) + "]"
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _parse_json(raw: bytes):
-    """The request body as TF Serving's ParseJson reads it (json_tensor.cc): a JSON object, else INVALID_ARGUMENT."""
-    if not raw:
-        raise invalid("JSON Parse error: The document is empty")
-    try:
-        text = raw.decode("utf-8")
-        start = len(text) - len(text.lstrip(" \t\r\n"))
-        if start == len(text):
-            raise invalid(f"JSON Parse error: The document is empty. at offset: {start}")
-        body, _ = json.JSONDecoder().raw_decode(text, start)  # kParseStopWhenDoneFlag: trailing text ignored
-    except UnicodeDecodeError as exc:
-        raise invalid(f"JSON Parse error: Invalid encoding in string. at offset: {exc.start}") from exc
-    except json.JSONDecodeError as exc:
-        raise invalid(f"JSON Parse error: {_RAPIDJSON_MESSAGES.get(exc.msg, 'Invalid value.')} "
-                      f"at offset: {exc.pos}") from exc
-    if not isinstance(body, dict):
-        raise invalid(f"JSON Value: {_debug_json(body)} Is not object")
-    if "signature_name" in body and not isinstance(body["signature_name"], str):
-        raise invalid(f"JSON Value: {_debug_json(body)} not formatted correctly. "
-                      "'signature_name' key must be a string value.")
-    return body
-
-
-_RAPIDJSON_MESSAGES = {  # Python's json messages -> rapidjson's GetParseError_En
-    "Expecting value": "Invalid value.",
-    "Expecting property name enclosed in double quotes": "Missing a name for object member.",
-    "Expecting ':' delimiter": "Missing a colon after a name of object member.",
-    "Unterminated string starting at": "Missing a closing quotation mark in string.",
-    "Invalid control character at": "Invalid encoding in string.",
-    "Invalid \\escape": "Invalid escape character in string.",
-}
 
 
 def _gunzip(raw: bytes) -> bytes:
@@ -315,7 +109,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path  # TF Serving matches uri_path(): the path with its ?query and #fragment
         if path.split("?")[0].split("#")[0] == PROMETHEUS_PATH:
             self._prometheus(path)
-        elif not _DISPATCH.fullmatch(path):
+        elif not DISPATCH.fullmatch(path):
             self._send(404, _NOT_FOUND_PAGE, "text/html; charset=ISO-8859-1")  # no handler: libevent's page
         elif method == "OPTIONS":
             self._preflight()
@@ -343,7 +137,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _api(self, method: str, path: str, raw: bytes) -> None:
         """HttpRestApiHandler::ProcessRequest: parse the path, dispatch, answer JSON (errors as {"error": ...})."""
-        route = _Route(method, path)
+        route = Route(method, path)
         try:
             with self.core.track(route.name, route.verb, "REST"):
                 payload = self._dispatch(route, raw)
@@ -359,7 +153,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._json(200, payload)
 
-    def _dispatch(self, route: _Route, raw: bytes) -> dict:
+    def _dispatch(self, route: Route, raw: bytes) -> dict:
         if route.error is not None:
             raise route.error
         if route.ok and route.method == "POST":
@@ -386,7 +180,7 @@ class _Handler(BaseHTTPRequestHandler):
             entry.state = state.state
             entry.status.error_code = state.error_code.value[0]
             entry.status.error_message = state.error_message
-        return json_format.MessageToDict(response, **_ALWAYS_PRINT)
+        return json_format.MessageToDict(response, **ALWAYS_PRINT)
 
     def _metadata(self, spec: Spec) -> dict:
         from google.protobuf import json_format
@@ -399,11 +193,11 @@ class _Handler(BaseHTTPRequestHandler):
         model_spec.version.value = loaded.version
         # http_rest_api_util.cc ToJsonString: both printed with always-print and proto field names, the
         # SignatureDefMap unpacked from its Any (so no "@type").
-        return {"model_spec": json_format.MessageToDict(model_spec, preserving_proto_field_name=True, **_ALWAYS_PRINT),
+        return {"model_spec": json_format.MessageToDict(model_spec, preserving_proto_field_name=True, **ALWAYS_PRINT),
                 "metadata": {"signature_def": json_format.MessageToDict(
-                    signature_map, preserving_proto_field_name=True, **_ALWAYS_PRINT)}}
+                    signature_map, preserving_proto_field_name=True, **ALWAYS_PRINT)}}
 
-    def _signature(self, route: _Route, body: dict):
+    def _signature(self, route: Route, body: dict):
         """The version and SignatureDef a REST call names (HttpRestApiHandler::GetInfoMap)."""
         spec = route.spec(body.get("signature_name", ""))
         loaded = self.core.manager.resolve(spec.name, spec.version, spec.label)
@@ -412,15 +206,15 @@ class _Handler(BaseHTTPRequestHandler):
             raise invalid(f'Serving signature name: "{key}" not found in signature def')
         return spec, loaded, loaded.signature_defs[key]
 
-    def _predict(self, route: _Route, raw: bytes) -> dict:
-        body = _parse_json(raw)
+    def _predict(self, route: Route, raw: bytes) -> dict:
+        body = parse_json(raw)
         spec, loaded, _ = self._signature(route, body)
         signature = loaded.signature(spec.signature_name)
-        inputs, row_format = _inputs_from_json(body, signature)
+        inputs, row_format = inputs_from_json(body, signature)
         _, _, outputs = self.core.predict(spec, inputs, loaded=loaded)
-        return _outputs_to_json(outputs, row_format)
+        return outputs_to_json(outputs, row_format)
 
-    def _classify_or_regress(self, route: _Route, raw: bytes) -> dict:
+    def _classify_or_regress(self, route: Route, raw: bytes) -> dict:
         """``:classify``/``:regress``: checked as TF Serving checks them; the development server runs neither.
 
         The body must hold a non-empty ``examples`` list (json_tensor.cc), the
@@ -429,15 +223,15 @@ class _Handler(BaseHTTPRequestHandler):
         ``--enable_signature_method_name_check``; a signature that passes is
         answered UNIMPLEMENTED (501).
         """
-        body = _parse_json(raw)
+        body = parse_json(raw)
         examples = body.get("examples")
         if "examples" not in body:
-            raise invalid(f"JSON Value: {_debug_json(body)} When method is classify, key 'examples' is expected "
+            raise invalid(f"JSON Value: {debug_json(body)} When method is classify, key 'examples' is expected "
                           "and was not found")  # TF Serving says "classify" for :regress too
         if not isinstance(examples, list):
-            raise invalid(f"JSON Value: {_debug_json(body)} Expecting 'examples' value to be an list/array")
+            raise invalid(f"JSON Value: {debug_json(body)} Expecting 'examples' value to be an list/array")
         if not examples:
-            raise invalid(f"JSON Value: {_debug_json(body)} 'examples' value is an empty array")
+            raise invalid(f"JSON Value: {debug_json(body)} 'examples' value is an empty array")
         spec = route.spec(body.get("signature_name", ""))
         loaded = self.core.manager.resolve(spec.name, spec.version, spec.label)
         key = spec.signature_name or DEFAULT_SIGNATURE

@@ -20,7 +20,8 @@ import numpy as np
 from serving.batching import Batcher, BatchingConfig
 from serving.errors import ServingError, invalid, not_found
 from serving.metrics import Metrics
-from serving.models import DEFAULT_SIGNATURE, LoadedVersion, ModelManager, VersionState
+from serving.models import ModelManager, VersionState
+from serving.servable import DEFAULT_SIGNATURE, LoadedVersion
 
 SIGNATURE_DEF_FIELD = "signature_def"
 
