@@ -236,7 +236,10 @@ def _count_split(data_dir, split, files, labels, carve, fraction) -> dict[str, l
     return counts
 
 def class_weights(info: DataInfo) -> dict[int, float]:
-    """``n / (classes * n_c)`` per train class (sklearn's "balanced"), 0 for an absent class."""
+    """``n / (classes * n_c)`` per train class (sklearn's "balanced"), 0 for an absent class.
+
+    From the counts: ``sklearn.utils.class_weight.compute_class_weight`` wants every label as an array.
+    """
     counts = info.counts["train"]
     total = sum(counts)
     present = sum(1 for c in counts if c)

@@ -9,11 +9,15 @@ Two entry points:
 * :func:`evaluate_model` runs a Keras model over a ``tf.data`` dataset, computes
   those metrics, writes ``metrics.json`` and draws the plots (``trainer.report.plots``).
 
-Definitions follow scikit-learn's so figures can be checked against it:
-precision/recall/F1 are 0.0 where undefined (no predictions, no support);
-average precision is the step-wise ``sum((R_n - R_{n-1}) * P_n)`` over
-decreasing score thresholds; top-k counts a hit when fewer than ``k`` classes
-score strictly higher than the true class (``tf.math.in_top_k``'s tie rule).
+The counts and curves are scikit-learn's (``confusion_matrix``,
+``precision_recall_fscore_support`` with 0.0 where undefined,
+``precision_recall_curve``, ``average_precision_score``).
+Written here: top-k counts a hit when fewer than ``k`` classes score strictly
+higher than the true class (``tf.math.in_top_k``'s tie rule; scikit-learn's
+``top_k_accuracy_score`` breaks ties by order), AP is 0.0 for a class without
+positives (scikit-learn warns and returns a meaningless value), the loss
+on the model's own probabilities (``log_loss`` renormalises float32 softmax
+rows that miss 1 by rounding, and warns), and the Wilson interval of the accuracy.
 """
 
 from __future__ import annotations
@@ -33,17 +37,11 @@ PR_CURVES_PNG = "pr_curves.png"
 TRAINING_CURVES_PNG = "training_curves.png"
 
 
-def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num = np.asarray(num, dtype=np.float64)
-    den = np.asarray(den, dtype=np.float64)
-    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-
-
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts ``[C, C]``: row = true class, column = predicted class."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)), 1)
-    return matrix
+    from sklearn import metrics
+
+    return metrics.confusion_matrix(y_true, y_pred, labels=list(range(num_classes))).astype(np.int64)
 
 
 def top_k_accuracy(y_true: np.ndarray, probabilities: np.ndarray, k: int) -> float:
@@ -61,21 +59,16 @@ def precision_recall_curve(is_positive: np.ndarray, scores: np.ndarray) -> tuple
     ``(precision=1, recall=0)`` so a plotted curve starts at the top left. AP is
     0.0 for a class with no positives.
     """
+    from sklearn import metrics
+
     is_positive = np.asarray(is_positive, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
-    positives = int(is_positive.sum())
-    if positives == 0 or len(scores) == 0:
+    if not is_positive.any() or len(scores) == 0:
         return np.array([1.0]), np.array([0.0]), 0.0
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores = scores[order]
-    hits = is_positive[order]
-    last_of_each_threshold = np.r_[np.nonzero(np.diff(sorted_scores))[0], len(sorted_scores) - 1]
-    true_pos = np.cumsum(hits)[last_of_each_threshold]
-    predicted_pos = last_of_each_threshold + 1
-    precision = true_pos / predicted_pos
-    recall = true_pos / positives
-    ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-    return np.r_[1.0, precision], np.r_[0.0, recall], ap
+    precision, recall, _ = metrics.precision_recall_curve(is_positive, scores)
+    ap = float(metrics.average_precision_score(is_positive, scores))
+    # scikit-learn lists thresholds from low to high and ends at (precision 1, recall 0): turn it around.
+    return precision[::-1], recall[::-1], ap
 
 
 def accuracy_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -122,14 +115,17 @@ def metrics_from_probabilities(y_true: Sequence[int], probabilities: np.ndarray,
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     k = min(int(top_k), num_classes)
 
+    from sklearn import metrics as sk
+
     y_pred = probabilities.argmax(axis=1) if len(y_true) else np.zeros(0, np.int64)
     matrix = confusion_matrix(y_true, y_pred, num_classes)
-    true_pos = np.diag(matrix)
+    classes = list(range(num_classes))
+    if len(y_true):
+        precision, recall, f1, _ = sk.precision_recall_fscore_support(y_true, y_pred, labels=classes,
+                                                                      zero_division=0)
+    else:
+        precision = recall = f1 = np.zeros(num_classes)
     support = matrix.sum(axis=1)
-    predicted = matrix.sum(axis=0)
-    precision = _safe_div(true_pos, predicted)
-    recall = _safe_div(true_pos, support)
-    f1 = _safe_div(2 * precision * recall, precision + recall)
     ap = [precision_recall_curve(y_true == c, probabilities[:, c])[2] for c in range(num_classes)]
     total = int(support.sum())
     weights = support / total if total else np.zeros(num_classes)
