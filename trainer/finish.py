@@ -28,7 +28,8 @@ def evaluate_gate_export(model, history, info, image_size, backbone_name, best_v
     result: dict = {"eval_split": split}
     from trainer.report.evaluate import evaluate_model
 
-    metrics = evaluate_model(model, dataset, info.labels, config.eval_dir, history=history, top_k=config.top_k)
+    metrics = evaluate_model(model, dataset, info.labels, config.eval_dir, history=history, top_k=config.top_k,
+                             total=info.size(split))
     result["accuracy"] = float(metrics["accuracy"])
     log.info("%s accuracy of the retrained model: %.4f (%s)", split, result["accuracy"], config.eval_dir)
     if not config.export:

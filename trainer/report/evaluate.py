@@ -155,15 +155,23 @@ def metrics_from_probabilities(y_true: Sequence[int], probabilities: np.ndarray,
     }
 
 
-def predict_dataset(model, dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``model``'s compiled predict step over ``(images, labels)`` batches; return ``(y_true [N], probs [N, C])``.
+def predict_dataset(model, dataset, total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``model`` (as one graph function) over ``(images, labels)`` batches; return ``(y_true [N], probs [N, C])``.
 
-    Labels may be class ids ``[B]`` or one-hot ``[B, C]``.
+    Labels may be class ids ``[B]`` or one-hot ``[B, C]``. With ``total``
+    (images), progress lines say how far it is (:mod:`trainer.progress`).
     """
+    import tensorflow as tf
+
+    from trainer.progress import Progress
+
+    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    progress = Progress("evaluation", total, "images")
     y_true, probs = [], []
     for images, batch_labels in dataset:
-        out = model.predict_on_batch(images)
+        out = forward(images)
         probs.append(np.asarray(out, dtype=np.float32))
+        progress.add(int(out.shape[0]))
         batch_labels = np.asarray(batch_labels)
         y_true.append(batch_labels.argmax(axis=-1) if batch_labels.ndim == 2 else batch_labels.reshape(-1))
     if not probs:
@@ -208,7 +216,7 @@ def write_metrics(metrics: Mapping[str, Any], out_dir: str) -> str:
 
 def evaluate_model(model, dataset, labels: Sequence[str], out_dir: str, *,
                    history: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
-                   top_k: int = 3) -> dict[str, Any]:
+                   top_k: int = 3, total: int | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` and write ``out_dir/metrics.json`` and the plots.
 
     ``dataset`` yields ``(images float32 [B, H, W, 3] in [0, 255], class ids [B])``;
@@ -220,7 +228,7 @@ def evaluate_model(model, dataset, labels: Sequence[str], out_dir: str, *,
     """
     from trainer.report import plots
 
-    y_true, probabilities = predict_dataset(model, dataset)
+    y_true, probabilities = predict_dataset(model, dataset, total)
     metrics = metrics_from_probabilities(y_true, probabilities, labels, top_k)
     path = write_metrics(metrics, out_dir)
     log.info("%s\nwrote %s", format_report(metrics), path)
