@@ -5,11 +5,15 @@ Both do the same per-image work with the same function
 over the same files, and both write what they produce; the Beam job also
 hashes, deduplicates, counts and shards. Each runs as a child process whose
 whole process tree's resident memory is sampled from /proc, so the peak
-includes Beam's worker processes and the Pool's workers.
+includes Beam's worker processes and the Pool's workers; the largest single
+process's peak is kept too, and the driver's own peak (the Beam job's
+launching process, the Pool's parent) is its ``getrusage`` maximum, exact.
+With two or more generated sizes at least 10x apart it also reports the
+memory growth per extra image between the smallest and the largest.
 
 Run by hand (not a test)::
 
-    .venv/bin/python bench/bench_preprocessing.py                 # clothing-small + 1,000 and 10,000 generated
+    .venv/bin/python bench/bench_preprocessing.py                 # clothing-small + 1,000, 5,000 and 10,000 generated
     .venv/bin/python bench/bench_preprocessing.py --sizes 1000 --skip-clothing   # quick look
     .venv/bin/python bench/bench_preprocessing.py --baseline /tmp/old-checkout     # also another version's job
 
@@ -97,12 +101,13 @@ def plain_loop(input_dir: str, output: str, size: int, workers: int) -> None:
         for encoded in pool.imap_unordered(_convert, paths, chunksize=16):
             out.write(struct.pack("<I", len(encoded)))
             out.write(encoded)
+    _write_self_rss()
 
 
 # ---------------------------------------------------------------- measuring
 
-def _tree_rss(root_pid: int) -> int:
-    """Resident bytes of ``root_pid`` and all its descendants (from /proc)."""
+def _tree_rss(root_pid: int) -> tuple[int, int]:
+    """Resident bytes of ``root_pid`` and all its descendants, and of the largest one of them (from /proc)."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -116,12 +121,13 @@ def _tree_rss(root_pid: int) -> int:
             children.setdefault(ppid, []).append(int(entry))
         except (OSError, IndexError, ValueError):
             continue
-    total, stack = 0, [root_pid]
+    total, largest, stack = 0, 0, [root_pid]
     while stack:
         pid = stack.pop()
         total += rss.get(pid, 0)
+        largest = max(largest, rss.get(pid, 0))
         stack.extend(children.get(pid, []))
-    return total
+    return total, largest
 
 
 def _children_cpu() -> float:
@@ -129,22 +135,45 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(command: list[str], cwd: Path = REPO) -> dict:
-    """Run ``command``; wall seconds, CPU seconds and the peak RSS of its process tree (sampled every 0.1 s).
+_SELF_RSS = "BENCH_SELF_RSS_FILE"  # where a measured command writes its own peak RSS (KB) as it exits
 
-    CPU time counts the processes of the tree that were waited for (Beam's
-    workers and the Pool's are).
+
+def _write_self_rss() -> None:
+    path = os.environ.get(_SELF_RSS)
+    if path:
+        Path(path).write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+
+# The Beam job as `python -m preprocessing ARGS` would run it, plus its own peak RSS at exit.
+_JOB_LAUNCHER = ("import atexit, os, resource, runpy, sys\n"
+                 "atexit.register(lambda: open(os.environ['" + _SELF_RSS + "'], 'w').write("
+                 "str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
+                 "sys.argv = ['preprocessing', *sys.argv[1:]]\n"
+                 "runpy.run_module('preprocessing', run_name='__main__', alter_sys=True)\n")
+
+
+def measure(command: list[str], cwd: Path = REPO) -> dict:
+    """Run ``command``; wall seconds, CPU seconds and peak RSS: process tree, largest process, the command's own.
+
+    Tree and largest process are sampled every 0.1 s. CPU time counts the
+    processes of the tree that were waited for (Beam's workers and the
+    Pool's are). The command's own peak is what it writes to
+    ``$BENCH_SELF_RSS_FILE`` as it exits.
     """
     cpu_before = _children_cpu()
+    rss_file = Path(f"/tmp/bench-preprocessing-self-rss-{os.getpid()}")
+    rss_file.unlink(missing_ok=True)
     started = time.monotonic()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd)
-    peak = 0
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env={**os.environ, _SELF_RSS: str(rss_file)})
+    peak = largest = 0
     stop = threading.Event()
 
     def sample():
-        nonlocal peak
+        nonlocal peak, largest
         while not stop.is_set():
-            peak = max(peak, _tree_rss(proc.pid))
+            tree, one = _tree_rss(proc.pid)
+            peak, largest = max(peak, tree), max(largest, one)
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -155,7 +184,10 @@ def measure(command: list[str], cwd: Path = REPO) -> dict:
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(command)}\n{stderr[-3000:]}")
-    return {"seconds": seconds, "cpu_seconds": _children_cpu() - cpu_before, "peak_rss_mb": peak / 2**20}
+    own = int(rss_file.read_text()) * 1024 if rss_file.exists() else 0
+    rss_file.unlink(missing_ok=True)
+    return {"seconds": seconds, "cpu_seconds": _children_cpu() - cpu_before, "peak_rss_mb": peak / 2**20,
+            "largest_rss_mb": max(largest, own) / 2**20, "driver_rss_mb": own / 2**20}
 
 
 def _summary(prefix: str, runs: list[dict], count: int) -> dict:
@@ -163,6 +195,8 @@ def _summary(prefix: str, runs: list[dict], count: int) -> dict:
     return {
         f"{prefix}_seconds": seconds[0], f"{prefix}_median": seconds[len(seconds) // 2],
         f"{prefix}_images_per_s": count / seconds[0], f"{prefix}_peak_mb": max(m["peak_rss_mb"] for m in runs),
+        f"{prefix}_largest_mb": max(m["largest_rss_mb"] for m in runs),
+        f"{prefix}_driver_mb": max(m["driver_rss_mb"] for m in runs),
         f"{prefix}_cpu": sorted(m["cpu_seconds"] for m in runs)[len(runs) // 2],
     }
 
@@ -174,7 +208,7 @@ def bench_one(name: str, input_dir: Path, work: Path, size: int, workers: int, r
     out = work / f"beam-{name}"
 
     def job(output: Path) -> list[str]:
-        return [sys.executable, "-m", "preprocessing", "--input", str(input_dir), "--output", str(output),
+        return [sys.executable, "-c", _JOB_LAUNCHER, "--input", str(input_dir), "--output", str(output),
                 "--image-size", str(size), "--overwrite", "--progress-seconds", "0", f"--direct_num_workers={workers}"]
 
     beam_command = job(out)
@@ -225,8 +259,9 @@ def _git_head(checkout: Path) -> str:
 def table(rows: list[dict], baseline: str | None = None) -> str:
     """One line per dataset and job: this checkout's Beam job, the baseline's (if any), the plain loop."""
     lines = [
-        "| dataset | images | run | best s (median) | img/s | peak MB | CPU s (median) | ratio to plain, best (median) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| dataset | images | run | best s (median) | img/s | peak MB (tree) | largest process MB | driver MB "
+        "| CPU s (median) | ratio to plain, best (median) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     jobs = [("beam", "Beam"), *([("base", f"Beam, {baseline}")] if baseline else []), ("plain", "plain Pool")]
     for r in rows:
@@ -238,15 +273,40 @@ def table(rows: list[dict], baseline: str | None = None) -> str:
                 f"({r['ratio_median' if prefix == 'beam' else 'base_ratio_median']:.2f})")
             lines.append(
                 f"| {r['dataset']} | {r['images']:,} | {label} | {r[prefix + '_seconds']:.1f} ({r[prefix + '_median']:.1f}) "
-                f"| {r[prefix + '_images_per_s']:.1f} | {r[prefix + '_peak_mb']:.0f} | {r[prefix + '_cpu']:.1f} | {ratio} |"
+                f"| {r[prefix + '_images_per_s']:.1f} | {r[prefix + '_peak_mb']:.0f} | {r[prefix + '_largest_mb']:.0f} "
+                f"| {r[prefix + '_driver_mb']:.0f} | {r[prefix + '_cpu']:.1f} | {ratio} |"
             )
+    return "\n".join(lines)
+
+
+def growth(rows: list[dict], baseline: str | None = None) -> str:
+    """KB of peak RSS per extra image between the smallest and the largest generated set (sizes >= 10x apart)."""
+    generated = sorted((r for r in rows if r["dataset"].startswith("generated-")), key=lambda r: r["images"])
+    if len(generated) < 2 or generated[-1]["images"] < 10 * generated[0]["images"]:
+        return ""
+    small, large = generated[0], generated[-1]
+    extra = large["images"] - small["images"]
+    lines = [
+        f"Peak memory per extra image, {small['images']:,} -> {large['images']:,} images "
+        f"(KB per image; the peaks of all runs of each size):",
+        "",
+        "| run | tree | largest process | driver |",
+        "|---|---:|---:|---:|",
+    ]
+    jobs = [("beam", "Beam"), *([("base", f"Beam, {baseline}")] if baseline else []), ("plain", "plain Pool")]
+    for prefix, label in jobs:
+        if f"{prefix}_seconds" not in small:
+            continue
+        per = [(large[f"{prefix}_{kind}_mb"] - small[f"{prefix}_{kind}_mb"]) * 1024 / extra
+               for kind in ("peak", "largest", "driver")]
+        lines.append(f"| {label} | {per[0]:.2f} | {per[1]:.2f} | {per[2]:.2f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=str(REPO / "bench" / "out"), help="folder for generated inputs and outputs")
-    parser.add_argument("--sizes", default="1000,10000", help="generated set sizes (default %(default)s)")
+    parser.add_argument("--sizes", default="1000,5000,10000", help="generated set sizes (default %(default)s)")
     parser.add_argument("--skip-clothing", action="store_true", help="leave out the real clothing-small photos")
     parser.add_argument("--image-size", type=int, default=224, help="output side in pixels (default %(default)s)")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes for both (default: cores)")
@@ -283,6 +343,8 @@ def main() -> None:
         *([f"Baseline: the Beam job of {baseline} ({_git_head(baseline)})."] if baseline else []),
         "",
         table(rows, f"baseline {baseline}" if baseline else None),
+        "",
+        growth(rows, f"baseline {baseline}" if baseline else None),
     ])
     print(report)
     if args.results:

@@ -4,6 +4,14 @@ The CLI (:mod:`preprocessing.cli`) mirrors every field as a flag and the job
 (:mod:`preprocessing.pipeline`) reads nothing else. ``to_json`` is what lands
 in ``stats.json["options"]``; the trainer reads ``image_size`` (as
 ``[height, width]``), ``resize_mode`` and ``image_format`` from there.
+
+``num_shards`` 0 (the default) means the job's own rule, per split, from the
+split's record count ``R`` (:func:`preprocessing.shards.num_shards`):
+``min(R, max(64, ceil(R * estimated record size / 128 MiB)))``, and one empty
+shard for an empty split. A split of at least 64 records thus has at least
+64 shards, enough for file-based sharding over 16 trainer workers with 4 or
+more each, and shards stay near or under 128 MiB as the data grows (224x224
+JPEG: 64 shards up to ~230,000 records). A positive value is the exact count.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ class PreprocessConfig:
     jpeg_quality: int = 95
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     max_pixels: int = DEFAULT_MAX_PIXELS
-    num_shards: int = 0  # per split; 0 lets the runner choose
+    num_shards: int = 0  # per split; 0 = the rule above (preprocessing.shards)
     overwrite: bool = False
     progress_seconds: float = 10.0
 
@@ -46,7 +54,7 @@ class PreprocessConfig:
         if self.max_pixels < 1:
             raise PreprocessingError(f"--max-pixels must be positive, got {self.max_pixels}")
         if self.num_shards < 0:
-            raise PreprocessingError(f"--num-shards must be 0 (runner decides) or more, got {self.num_shards}")
+            raise PreprocessingError(f"--num-shards must be 0 (the default rule) or more, got {self.num_shards}")
 
     def to_json(self) -> dict:
         """The options as written to ``stats.json`` (sizes as ``[height, width]``)."""

@@ -16,7 +16,7 @@ import time
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from preprocessing import pipeline, runners, sources, stats
+from preprocessing import pipeline, runners, sources, stats, worker
 from preprocessing.config import PreprocessConfig
 from preprocessing.errors import PreprocessingError
 from preprocessing.staging import Staging
@@ -40,6 +40,15 @@ def _first_errors(path: str, limit: int = 3) -> list[str]:
 
 def run(config: PreprocessConfig, beam_args: list[str] | None = None) -> dict:
     """Run the whole job; returns the stats written to ``OUTPUT/stats.json``."""
+    # the local runner's worker processes start importing Beam now, while this process inspects and builds
+    worker.start_standby(worker.local_workers(list(beam_args or [])))
+    try:
+        return _run(config, beam_args)
+    finally:
+        worker.stop_standby()
+
+
+def _run(config: PreprocessConfig, beam_args: list[str] | None) -> dict:
     spec = sources.inspect_input(config.input)
     staging = Staging(config.output, config.overwrite)
     staging.check()
@@ -93,6 +102,7 @@ def run(config: PreprocessConfig, beam_args: list[str] | None = None) -> dict:
         "ignored_files": int(counters.get("ignored", 0)),
         "duplicate_label_conflicts": int(counters.get("duplicate_label_conflicts", 0)),
         "errors_file": FileSystems.join(staging.output, ERRORS_FILE),
+        "shards": _shard_sizes(staging),
         "run": {
             "runner": choice.description,
             "started_at": started_at.isoformat(timespec="seconds"),
@@ -111,6 +121,18 @@ def run(config: PreprocessConfig, beam_args: list[str] | None = None) -> dict:
 
 _DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file size limit reached",
               errno.EDQUOT: "disk quota exceeded"}
+
+
+def _shard_sizes(staging) -> dict[str, dict[str, int]]:
+    """``{split: {shard file name: bytes}}`` of the written shards: the trainer checks them before reading
+    (a shard truncated or rewritten after this run is named instead of failing mid-training)."""
+    from preprocessing.tfrecords import SPLITS, shard_pattern
+
+    sizes = {}
+    for split in SPLITS:
+        found = FileSystems.match([staging.join(shard_pattern(split))])[0].metadata_list
+        sizes[split] = {FileSystems.split(m.path)[1]: int(m.size_in_bytes) for m in sorted(found, key=lambda m: m.path)}
+    return sizes
 
 
 def _disk_full(error: BaseException) -> str | None:

@@ -1,45 +1,87 @@
-"""The Beam graph: list inputs, hash and deduplicate, convert, write TFRecords.
+"""The Beam graph: list inputs, hash and deduplicate, shard, convert and write, then the job's small files.
 
 ::
 
-    MatchFiles(ROOT/**) | ReadFromText(manifest)      one element per input file
-      -> Reshuffle                                     spread the files over all workers
-      -> ReadAndHash    read bytes, sha256, header check, split from sha256 when not given
-      -> GroupByKey(sha256) -> KeepFirst               exact duplicates written once
-      -> Convert        Pillow decode/convert/resize/encode, serialize_example
-      -> Partition(split) -> WriteToTFRecord           {split}-NNNNN-of-NNNNN.tfrecord
-    rejected inputs from every step -> WriteToText     errors.jsonl
-    distinct labels -> sorted list (side input)        label ids, labels.txt
+    MatchFiles(ROOT/**) | ReadFromText(manifest)   one element per input file, in the listing worker only
+      -> ListInputs       InputItems in chunks of CHUNK_FILES; wrongly placed inputs rejected
+      -> Reshuffle        spread the chunks over all workers
+      -> ReadAndHash      read bytes, sha256, header check, split from sha256 when not given;
+                          entries handed on per sha256 bucket (BUCKETS), a few lists per bundle
+      -> GroupByKey(bucket) -> KeepFirst     exact duplicates written once; kept entries per split
+      -> AssignShards     shard of each record: contiguous runs in sha256 order (preprocessing.shards)
+      -> GroupByKey(shard) -> ConvertShard   Pillow decode/convert/resize/encode, serialize_example,
+                          one TFRecord file per shard: {split}-NNNNN-of-NNNNN.tfrecord
+    every step's bundle report -> MergeReports -> Finish   _counts.json, labels.txt, errors.jsonl
+    listed labels + kept records per split -> Plan          side input: label ids, shards per split
 
-Only small tuples (path, label, split, sha256) cross a shuffle: image bytes
-are read inside the steps that need them (twice: once to hash, once to
-convert) and never held, so memory does not grow with the images. (The
-local runner keeps those small tuples in memory between steps, a few KB per
-file; distributed runners shuffle them to disk.) Every counting step also
-emits its counts on a side output, summed and written with the data
-(:mod:`preprocessing.stats`), so the accounting needs no runner metrics.
+Only small tuples (path, source id, label, split, sha256) cross a shuffle,
+and they cross it packed in lists (a chunk of the listing, one sha256 bucket
+of a bundle, one shard's run; ~40 bytes an entry), not one element per file:
+the local runner keeps what crosses a shuffle in its driver process, as
+decoded Python values. The driver's peak RSS grows by under 1 KB per input
+file (it was ~3 KB with one element per file; most of what is left is the
+allocator keeping what gRPC received), bounded by a test. Image bytes are
+read inside the steps that need them (twice: once to hash, once to convert)
+and never held, so memory does not grow with the images.
+
+The job has few steps on purpose: each of the local runner's stages costs
+tens of milliseconds (Beam's ``WriteToText``/``WriteToTFRecord`` take four
+each), so the shards are written by the step that converts (temporary name,
+renamed when complete) and the three small files by one last step. Every
+step counts into a per-bundle :class:`~preprocessing.stats.Tally` and hands on
+one report per bundle; rejected inputs go to a per-bundle file that the last
+step joins into ``errors.jsonl``. The accounting needs no runner metrics
+(:mod:`preprocessing.stats`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import pickle
 import time
+import uuid
+import zlib
+from collections import defaultdict
+from operator import itemgetter
 from typing import Iterable
 
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
 
-from preprocessing import images, sources, splits, stats
+from preprocessing import images, shards, sources, splits, stats
 from preprocessing.config import PreprocessConfig
-from preprocessing.sources import InputItem, InputSpec
-from preprocessing.tfrecords import ERRORS_FILE, LABELS_FILE, SHARD_SUFFIX, SPLITS
+from preprocessing.sources import InputSpec
+from preprocessing.tfrecords import ERRORS_FILE, LABELS_FILE, SPLITS
 
-REJECTED = "rejected"
+CHUNK_FILES = 100  # listed inputs per element handed to the hashing workers
+FLUSH_ENTRIES = 20_000  # hashed entries a worker holds before handing them on (also at the end of a bundle)
+BUCKETS = 256  # sha256 buckets (first byte) that deduplication groups by
+REPORT = "report"
+PLAN = "plan"  # tag of the elements the plan is combined from
+_SPLIT_ORDER = {split: index for index, split in enumerate(SPLITS)}
 _log = logging.getLogger("preprocessing")
+
+# Entries are plain tuples:
+#   listed: (path, source_id or None when it is the path, label, split or "")
+#   hashed: (sha256 digest bytes, path, source_id or None, label, split)
+# and cross a shuffle packed, a list of them as one compressed bytes value (_pack): the local runner holds
+# what a shuffle buffers as decoded Python values, and one bytes object of ~40 bytes per entry is far less
+# than a tuple of strings (~400 bytes).
+_DIGEST, _PATH, _SOURCE_ID, _LABEL, _SPLIT = range(5)
+
+
+def _pack(entries: list) -> bytes:
+    return zlib.compress(pickle.dumps(entries, protocol=4), 1)
+
+
+def _unpack(packed: bytes) -> list:
+    return pickle.loads(zlib.decompress(packed))
 
 
 def rejection(path: str, reason: str, stage: str) -> dict:
@@ -65,63 +107,99 @@ def read_bytes(path: str) -> bytes:
         raise images.Rejected(f"cannot read the file ({message})") from None
 
 
-class LogListed(beam.DoFn):
-    """Pass-through that tells the person watching how many inputs were listed (per bundle)."""
+def _windowed(value, tag: str | None = None):
+    """An element yielded from ``finish_bundle`` (which must say its window)."""
+    value = GlobalWindows.windowed_value(value)
+    return value if tag is None else beam.pvalue.TaggedOutput(tag, value)
+
+
+class _Step(beam.DoFn):
+    """A step that counts into a per-bundle tally, writes its rejections to a per-bundle file and reports both."""
+
+    def __init__(self, temp_dir: str) -> None:
+        self.temp_dir = temp_dir
 
     def start_bundle(self) -> None:
+        self.tally = stats.Tally()
+        self._errors = None
+        self._errors_path = ""
+
+    def reject(self, path: str, reason: str, stage: str, split: str, label: str) -> None:
+        self.tally.count("rejected", split, label)
+        self.tally.stage(stage)
+        if self._errors is None:
+            self._errors_path = FileSystems.join(self.temp_dir, f"errors-{uuid.uuid4().hex}.jsonl")
+            self._errors = FileSystems.create(self._errors_path, compression_type=CompressionTypes.UNCOMPRESSED)
+        self._errors.write((json.dumps(rejection(path, reason, stage), ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def report(self, **extra):
+        errors = []
+        if self._errors is not None:
+            self._errors.close()
+            errors = [self._errors_path]
+        return _windowed(stats.report(self.tally.counts(), errors=errors, **extra), REPORT)
+
+
+class ListInputs(_Step):
+    """Matched files (or manifest lines) -> chunks of listed entries; wrongly placed inputs are rejected."""
+
+    def __init__(self, spec: InputSpec, temp_dir: str) -> None:
+        super().__init__(temp_dir)
+        self.spec = spec
+
+    def start_bundle(self) -> None:
+        super().start_bundle()
         self.listed = 0
+        self.chunk: list[tuple] = []
+        self.labels: set[str] = set()
 
     def process(self, element) -> Iterable:
         self.listed += 1
-        yield element
-
-    def finish_bundle(self) -> None:
-        if self.listed:
-            _log.info("listed %s input files", f"{self.listed:,}")
-
-
-class ListedFile(beam.DoFn):
-    """A matched file (or manifest line) -> :class:`InputItem`; wrongly placed inputs are rejected."""
-
-    def __init__(self, spec: InputSpec) -> None:
-        self.spec = spec
-
-    @staticmethod
-    def _reject(path: str, reason: str) -> list:
-        return [stats.count("found", splits.UNASSIGNED, stats.NO_CLASS),
-                stats.count("rejected", splits.UNASSIGNED, stats.NO_CLASS),
-                stats.count_stage("list"),
-                beam.pvalue.TaggedOutput(REJECTED, rejection(path, reason, "list"))]
-
-    def process(self, element) -> Iterable:
         try:
             if self.spec.layout == sources.MANIFEST:
                 item = sources.item_from_row(element, self.spec)
             else:
                 item = sources.item_from_path(element.path, self.spec)
         except sources.RowRejected as error:
-            yield from self._reject(error.path, str(error))
+            self._reject(error.path, str(error))
             return
         except images.Rejected as error:
-            yield from self._reject(element.path, str(error))
+            self._reject(element.path, str(error))
             return
         if item is None:
-            yield stats.tally("ignored")
+            self.tally.add("ignored")
             return
         if item.split:
-            yield stats.count("found", item.split, item.label)
-        yield item
+            self.tally.count("found", item.split, item.label)
+        self.labels.add(item.label)
+        self.chunk.append((item.path, None if item.source_id == item.path else item.source_id, item.label, item.split))
+        if len(self.chunk) >= CHUNK_FILES:
+            yield _pack(self.chunk)
+            self.chunk = []
+
+    def _reject(self, path: str, reason: str) -> None:
+        self.tally.count("found", splits.UNASSIGNED, stats.NO_CLASS)
+        self.reject(path, reason, "list", splits.UNASSIGNED, stats.NO_CLASS)
+
+    def finish_bundle(self) -> Iterable:
+        if self.listed:
+            _log.info("listed %s input files", f"{self.listed:,}")
+        if self.chunk:
+            yield _windowed(_pack(self.chunk))
+        yield _windowed(("labels", sorted(self.labels)), PLAN)
+        yield self.report()
 
 
-class ReadAndHash(beam.DoFn):
-    """Read a file, hash it and check its header: ``(sha256, item with its split)`` or a rejection.
+class ReadAndHash(_Step):
+    """Read each listed file, hash it and check its header: entries by sha256 bucket, or a rejection.
 
     Empty and non-image files are rejected here, before deduplication, so two
     broken files with the same bytes are both reported rather than one
     counted as a duplicate of the other.
     """
 
-    def __init__(self, config: PreprocessConfig) -> None:
+    def __init__(self, config: PreprocessConfig, temp_dir: str) -> None:
+        super().__init__(temp_dir)
         self.fractions = config.split
         self.max_pixels = config.max_pixels
         self.progress_seconds = config.progress_seconds
@@ -129,54 +207,153 @@ class ReadAndHash(beam.DoFn):
     def setup(self) -> None:
         self.progress = stats.WorkerProgress("files read and hashed", self.progress_seconds)
 
-    def process(self, item: InputItem) -> Iterable:
+    def start_bundle(self) -> None:
+        super().start_bundle()
+        self.buckets: dict[int, list] = defaultdict(list)
+        self.held = 0
+
+    def process(self, chunk: bytes) -> Iterable:
+        for path, source_id, label, split in _unpack(chunk):
+            self._one(path, source_id, label, split)
+        if self.held >= FLUSH_ENTRIES:
+            yield from self._hand_on()
+
+    def _one(self, path: str, source_id, label: str, split: str) -> None:
         try:
-            data = read_bytes(item.path)
+            data = read_bytes(path)
             if not data:
                 raise images.Rejected("empty file (0 bytes)")
         except images.Rejected as error:
-            if not item.split:
-                yield stats.count("found", splits.UNASSIGNED, item.label)
-            yield stats.count("rejected", item.split or splits.UNASSIGNED, item.label)
-            yield stats.count_stage("read")
+            if not split:
+                self.tally.count("found", splits.UNASSIGNED, label)
+            self.reject(path, str(error), "read", split or splits.UNASSIGNED, label)
             self.progress.add(rejected=True)
-            yield beam.pvalue.TaggedOutput(REJECTED, rejection(item.path, str(error), "read"))
             return
-        digest = hashlib.sha256(data).hexdigest()
-        if not item.split:
-            item = item._replace(split=splits.split_for(digest, self.fractions))
-            yield stats.count("found", item.split, item.label)
+        digest = hashlib.sha256(data).digest()
+        if not split:
+            split = splits.split_for(digest.hex(), self.fractions)
+            self.tally.count("found", split, label)
         try:
             images.probe(data, self.max_pixels)
         except images.Rejected as error:
-            yield stats.count("rejected", item.split, item.label)
-            yield stats.count_stage("decode")
+            self.reject(path, str(error), "decode", split, label)
             self.progress.add(rejected=True)
-            yield beam.pvalue.TaggedOutput(REJECTED, rejection(item.path, str(error), "decode"))
             return
         self.progress.add()
-        yield digest, item
+        self.buckets[digest[0] * BUCKETS // 256].append((digest, path, source_id, label, split))
+        self.held += 1
+
+    def _hand_on(self, windowed: bool = False) -> Iterable:
+        for bucket, entries in self.buckets.items():
+            yield _windowed((bucket, _pack(entries))) if windowed else (bucket, _pack(entries))
+        self.buckets = defaultdict(list)
+        self.held = 0
+
+    def finish_bundle(self) -> Iterable:
+        yield from self._hand_on(windowed=True)
+        yield self.report()
 
 
-def keep_first(element) -> Iterable:
-    """Of the files sharing one sha256, keep one (earliest split, then path) and count the rest."""
-    digest, items = element
-    ordered = sorted(items, key=lambda item: (SPLITS.index(item.split), item.path))
-    kept = ordered[0]
-    for duplicate in ordered[1:]:
-        yield stats.count("duplicates", duplicate.split, duplicate.label)
-        if duplicate.label != kept.label:
-            yield stats.tally("duplicate_label_conflicts")
-            _log.warning("same image, different labels: kept %s (%s), dropped %s (%s)",
-                         kept.path, kept.label, duplicate.path, duplicate.label)
-    yield digest, kept
+class KeepFirst(_Step):
+    """Of the files sharing one sha256, keep one (earliest split, then path) and count the rest.
+
+    Per sha256 bucket: the kept entries in sha256 order, and how many each
+    split has (the shard layout is computed from those counts).
+    """
+
+    def process(self, element) -> Iterable:
+        bucket, packed = element
+        entries = sorted(itertools.chain.from_iterable(_unpack(one) for one in packed),
+                         key=lambda entry: (entry[_DIGEST], _SPLIT_ORDER[entry[_SPLIT]], entry[_PATH]))
+        kept = []
+        for _, same in itertools.groupby(entries, key=itemgetter(_DIGEST)):
+            first = next(same)
+            kept.append(first)
+            for duplicate in same:
+                self.tally.count("duplicates", duplicate[_SPLIT], duplicate[_LABEL])
+                if duplicate[_LABEL] != first[_LABEL]:
+                    self.tally.add("duplicate_label_conflicts")
+                    _log.warning("same image, different labels: kept %s (%s), dropped %s (%s)",
+                                 first[_PATH], first[_LABEL], duplicate[_PATH], duplicate[_LABEL])
+        per_split: dict[str, int] = defaultdict(int)
+        for entry in kept:
+            per_split[entry[_SPLIT]] += 1
+        yield bucket, _pack(kept)
+        yield beam.pvalue.TaggedOutput(PLAN, ("kept", (bucket, dict(per_split))))
+
+    def finish_bundle(self) -> Iterable:
+        yield self.report()
 
 
-class Convert(beam.DoFn):
-    """Decode, normalise, resize and re-encode one image into a serialized ``tf.train.Example``."""
+class Plan(beam.CombineFn):
+    """The listed labels and the kept records per (split, bucket) -> the plan the later steps follow.
 
-    def __init__(self, config: PreprocessConfig) -> None:
+    ``{"labels": sorted class names, "splits": {split: {"records", "shards", "offsets"}}}``:
+    label ids are positions in ``labels``; ``offsets[bucket]`` is the rank (in
+    sha256 order) of the split's first record in that bucket.
+    """
+
+    def __init__(self, record_bytes: int, requested: int) -> None:
+        self.record_bytes = record_bytes
+        self.requested = requested
+
+    def create_accumulator(self):
+        return {"labels": set(), "kept": {}}
+
+    def add_input(self, accumulator, element):
+        kind, value = element
+        if kind == "labels":
+            accumulator["labels"].update(value)
+        else:
+            bucket, per_split = value
+            for split, count in per_split.items():
+                per_bucket = accumulator["kept"].setdefault(split, {})
+                per_bucket[bucket] = per_bucket.get(bucket, 0) + count
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for accumulator in accumulators:
+            self.add_input(merged, ("labels", accumulator["labels"]))
+            for split, per_bucket in accumulator["kept"].items():
+                for bucket, count in per_bucket.items():
+                    self.add_input(merged, ("kept", (bucket, {split: count})))
+        return merged
+
+    def extract_output(self, accumulator):
+        layout = {}
+        for split in SPLITS:
+            per_bucket = accumulator["kept"].get(split, {})
+            offsets, total = {}, 0
+            for bucket in sorted(per_bucket):
+                offsets[bucket] = total
+                total += per_bucket[bucket]
+            layout[split] = {"records": total, "shards": shards.num_shards(total, self.record_bytes, self.requested),
+                             "offsets": offsets}
+        return {"labels": sorted(accumulator["labels"]), "splits": layout}
+
+
+def assign_shards(element, plan: dict) -> Iterable:
+    """A bucket's kept entries -> ``((split, shard, shards), (bucket, entries))``, one run per shard it touches."""
+    bucket, kept = element
+    layout = plan["splits"]
+    by_split: dict[str, list] = defaultdict(list)
+    for entry in _unpack(kept):
+        by_split[entry[_SPLIT]].append(entry)
+    for split, entries in by_split.items():
+        records, count = layout[split]["records"], layout[split]["shards"]
+        ranked = enumerate(entries, layout[split]["offsets"][bucket])
+        for shard, run in itertools.groupby(ranked, key=lambda pair: shards.shard_of(pair[0], records, count)):
+            yield (split, shard, count), (bucket, _pack([entry for _, entry in run]))
+
+
+class ConvertShard(_Step):
+    """One shard: decode, normalise, resize and re-encode its images, serialized ``tf.train.Example`` s in one file."""
+
+    def __init__(self, config: PreprocessConfig, out_dir: str, temp_dir: str) -> None:
+        super().__init__(temp_dir)
         self.config = config
+        self.out_dir = out_dir
 
     def setup(self) -> None:
         from preprocessing.tfrecords import serialize_example  # protobuf only: workers never import TensorFlow
@@ -186,138 +363,164 @@ class Convert(beam.DoFn):
         self._labels: list[str] | None = None
         self._ids: dict[str, int] = {}
 
+    def start_bundle(self) -> None:
+        super().start_bundle()
+        self.sizes = stats.SizeSummary().create_accumulator()
+        self.written: list[str] = []
+
     def _label_id(self, labels: list[str], label: str) -> int:
         if labels is not self._labels:
             self._labels = labels
             self._ids = {name: index for index, name in enumerate(labels)}
         return self._ids[label]
 
-    def _reject(self, item: InputItem, reason: str, stage: str) -> list:
-        self.progress.add(rejected=True)
-        return [stats.count("rejected", item.split, item.label), stats.count_stage(stage),
-                beam.pvalue.TaggedOutput(REJECTED, rejection(item.path, reason, stage))]
+    def process(self, element, plan: dict) -> None:
+        (split, shard, count), runs = element
+        labels = plan["labels"]
+        name = shards.shard_name(split, shard, count)
+        writer = shards.ShardWriter(FileSystems.join(self.out_dir, name), self.temp_dir)
+        try:
+            for _, entries in sorted(runs, key=itemgetter(0)):
+                for entry in _unpack(entries):
+                    record = self._record(entry, labels)
+                    if record is not None:
+                        writer.write(record)
+            writer.commit()
+        except BaseException:
+            writer.discard()
+            raise
+        self.written.append(name)
 
-    def process(self, element, labels: list[str]) -> Iterable:
-        digest, item = element
+    def _reject(self, entry: tuple, reason: str, stage: str) -> None:
+        self.progress.add(rejected=True)
+        self.reject(entry[_PATH], reason, stage, entry[_SPLIT], entry[_LABEL])
+
+    def _record(self, entry: tuple, labels: list[str]) -> bytes | None:
+        digest, path, source_id, label, split = entry
         config = self.config
         try:
-            data = read_bytes(item.path)
+            data = read_bytes(path)
         except images.Rejected as error:
-            yield from self._reject(item, str(error), "read")
-            return
-        if hashlib.sha256(data).hexdigest() != digest:
-            yield from self._reject(item, "file changed while the job ran (sha256 differs from the first read)", "read")
-            return
+            self._reject(entry, str(error), "read")
+            return None
+        if hashlib.sha256(data).digest() != digest:
+            self._reject(entry, "file changed while the job ran (sha256 differs from the first read)", "read")
+            return None
         try:
             converted = images.convert(
                 data, config.image_size, config.resize_mode, config.image_format, config.jpeg_quality, config.max_pixels
             )
         except images.Rejected as error:
-            yield from self._reject(item, str(error), "decode")
-            return
+            self._reject(entry, str(error), "decode")
+            return None
         record = self.serialize(
             encoded=converted.encoded,
             image_format=config.image_format,
             height=converted.height,
             width=converted.width,
-            label=self._label_id(labels, item.label),
-            text=item.label,
-            source_id=item.source_id,
-            sha256=digest,
+            label=self._label_id(labels, label),
+            text=label,
+            source_id=path if source_id is None else source_id,
+            sha256=digest.hex(),
         )
-        yield stats.count("written", item.split, item.label)
-        yield from stats.count_size(converted.source_width, converted.source_height)
+        self.tally.count("written", split, label)
+        self.tally.size(converted.source_width, converted.source_height)
+        self.sizes = stats.SizeSummary().add_input(self.sizes, (converted.source_width, converted.source_height))
         self.progress.add()
-        yield item.split, record
+        return record
+
+    def finish_bundle(self) -> Iterable:
+        yield self.report(sizes=self.sizes, shards=self.written)
 
 
-class SortedList(beam.CombineFn):
-    """Distinct values -> one sorted list (the class names, in ``labels.txt`` order)."""
+class Finish(beam.DoFn):
+    """The job's small files from the merged report: ``_counts.json``, ``labels.txt``, ``errors.jsonl``.
 
-    def create_accumulator(self):
-        return set()
+    Also writes the empty shards the plan names but no step wrote (a split
+    with no records gets one; ``--num-shards`` above a split's record count
+    gives some), and removes the temporary folder.
+    """
 
-    def add_input(self, accumulator, value):
-        accumulator.add(value)
-        return accumulator
+    def __init__(self, out_dir: str, temp_dir: str) -> None:
+        self.out_dir = out_dir
+        self.temp_dir = temp_dir
 
-    def merge_accumulators(self, accumulators):
-        return set().union(*accumulators)
+    def _write(self, name: str, data: bytes) -> None:
+        with FileSystems.create(FileSystems.join(self.out_dir, name),
+                                compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            handle.write(data)
 
-    def extract_output(self, accumulator):
-        return sorted(accumulator)
+    def process(self, report: dict, plan: dict) -> None:
+        labels, layout = plan["labels"], plan["splits"]
+        sizes = stats.SizeSummary().extract_output(report["sizes"])
+        self._write(stats.COUNTS_FILE, (stats.counts_json(report["counts"], sizes) + "\n").encode("utf-8"))
+        self._write(LABELS_FILE, ("\n".join(labels) + "\n").encode("utf-8"))
+        with FileSystems.create(FileSystems.join(self.out_dir, ERRORS_FILE),
+                                compression_type=CompressionTypes.UNCOMPRESSED) as errors:
+            for path in sorted(report["errors"]):
+                with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as part:
+                    while block := part.read(1 << 20):
+                        errors.write(block)
+        written = set(report["shards"])
+        for split in SPLITS:
+            count = layout[split]["shards"]
+            for index in range(count):
+                name = shards.shard_name(split, index, count)
+                if name not in written:
+                    shards.write_empty(FileSystems.join(self.out_dir, name))
+        _remove_folder(self.temp_dir)
+
+
+def _remove_folder(path: str) -> None:
+    """Delete ``path`` and everything under it (a local folder, or an object-store prefix)."""
+    try:
+        leftovers = [m.path for m in FileSystems.match([FileSystems.join(path, "**")])[0].metadata_list]
+        if leftovers:
+            FileSystems.delete(leftovers)
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+    except Exception as error:  # noqa: BLE001 - a leftover temporary folder is not worth failing the job
+        _log.warning("could not remove the temporary folder %s: %s", path, error)
 
 
 def build(pipeline: beam.Pipeline, config: PreprocessConfig, spec: InputSpec, out_dir: str) -> None:
     """Add the whole job to ``pipeline``, writing into ``out_dir`` (the staging folder)."""
+    temp_dir = FileSystems.join(out_dir, shards.TEMP_FOLDER)
     if spec.layout == sources.MANIFEST:
         lines = pipeline | "ReadManifest" >> beam.io.ReadFromText(spec.path, skip_header_lines=1)
     else:
         lines = pipeline | "MatchFiles" >> fileio.MatchFiles(spec.glob, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-    listed = (
-        lines
-        | "LogListed" >> beam.ParDo(LogListed())
+    listed = lines | "ListInputs" >> beam.ParDo(ListInputs(spec, temp_dir)).with_outputs(REPORT, PLAN, main="chunks")
+    hashed = (
+        listed.chunks
         | "SpreadOverWorkers" >> beam.Reshuffle()
-        | "ToInputItems" >> beam.ParDo(ListedFile(spec)).with_outputs(REJECTED, stats.COUNTS, main="items")
+        | "ReadAndHash" >> beam.ParDo(ReadAndHash(config, temp_dir)).with_outputs(REPORT, main="buckets")
     )
-    items = listed.items
-
-    labels = (
-        items
-        | "Labels" >> beam.Map(lambda item: item.label)
-        | "SortedLabels" >> beam.CombineGlobally(SortedList())
-    )
-    _ = (
-        labels
-        | "LabelsText" >> beam.Map(lambda names: "\n".join(names))
-        | "WriteLabels" >> beam.io.WriteToText(
-            FileSystems.join(out_dir, LABELS_FILE), num_shards=1, shard_name_template=""
-        )
-    )
-
-    hashed = items | "ReadAndHash" >> beam.ParDo(ReadAndHash(config)).with_outputs(
-        REJECTED, stats.COUNTS, main="hashed")
-    unique = (
-        hashed.hashed
+    kept = (
+        hashed.buckets
         | "GroupBySha256" >> beam.GroupByKey()
-        | "KeepFirstOfDuplicates" >> beam.FlatMap(keep_first).with_outputs(stats.COUNTS, main="kept")
+        | "KeepFirstOfDuplicates" >> beam.ParDo(KeepFirst(temp_dir)).with_outputs(REPORT, PLAN, main="kept")
     )
-    converted = unique.kept | "Convert" >> beam.ParDo(
-        Convert(config), labels=beam.pvalue.AsSingleton(labels)
-    ).with_outputs(REJECTED, stats.COUNTS, stats.SIZES, main="records")
-
-    by_split = converted.records | "BySplit" >> beam.Partition(lambda kv, _: SPLITS.index(kv[0]), len(SPLITS))
-    for split, records in zip(SPLITS, by_split):
-        _ = (
-            records
-            | f"{split}Records" >> beam.Values()
-            | f"Write{split.capitalize()}" >> beam.io.WriteToTFRecord(
-                FileSystems.join(out_dir, split),
-                file_name_suffix=SHARD_SUFFIX,
-                num_shards=config.num_shards,
-                shard_name_template="-SSSSS-of-NNNNN",
-            )
-        )
-
-    sizes = converted[stats.SIZES] | "SizeSummary" >> beam.CombineGlobally(stats.SizeSummary())
-    _ = (
-        (listed[stats.COUNTS], hashed[stats.COUNTS], unique[stats.COUNTS], converted[stats.COUNTS])
-        | "AllCounts" >> beam.Flatten()
-        | "SumCounts" >> beam.CombinePerKey(sum)
-        | "CountsDict" >> beam.combiners.ToDict()
-        | "CountsJson" >> beam.Map(stats.counts_json, beam.pvalue.AsSingleton(sizes))
-        | "WriteCounts" >> beam.io.WriteToText(
-            FileSystems.join(out_dir, stats.COUNTS_FILE), num_shards=1, shard_name_template="")
+    # Every listing bundle and every bucket adds to the plan, and every step's bundle reports: the two combines
+    # always have input, so they need no default value (Beam would run two more stages to provide one).
+    plan = beam.pvalue.AsSingleton(
+        (listed[PLAN], kept[PLAN])
+        | "PlanInputs" >> beam.Flatten()
+        | "Plan" >> beam.CombineGlobally(
+            Plan(shards.estimated_record_bytes(config.image_size, config.image_format), config.num_shards))
+        .without_defaults()
     )
-
-    errors_stem, errors_ext = ERRORS_FILE.rsplit(".", 1)
+    converted = (
+        kept.kept
+        | "AssignShards" >> beam.FlatMap(assign_shards, plan)
+        | "GroupByShard" >> beam.GroupByKey()
+        | "ConvertShard" >> beam.ParDo(ConvertShard(config, out_dir, temp_dir), plan=plan).with_outputs(REPORT)
+    )
     _ = (
-        (listed[REJECTED], hashed[REJECTED], converted[REJECTED])
-        | "AllRejected" >> beam.Flatten()
-        | "ErrorLines" >> beam.Map(lambda record: json.dumps(record, ensure_ascii=False))
-        | "WriteErrors" >> beam.io.WriteToText(
-            FileSystems.join(out_dir, errors_stem), file_name_suffix="." + errors_ext, num_shards=1, shard_name_template=""
-        )
+        (listed[REPORT], hashed[REPORT], kept[REPORT], converted[REPORT])
+        | "AllReports" >> beam.Flatten()
+        | "MergeReports" >> beam.CombineGlobally(stats.MergeReports()).without_defaults()
+        | "Finish" >> beam.ParDo(Finish(out_dir, temp_dir), plan=plan)
     )
 
 

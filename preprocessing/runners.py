@@ -5,7 +5,9 @@ FnApiRunner in ``multi_processing`` mode with one worker process per core.
 It is picked explicitly because Beam 2.77's ``DirectRunner`` name first tries
 the Prism runner, which downloads a Go binary at run time (impossible offline).
 Its worker processes run Beam's SDK harness through :mod:`preprocessing.worker`,
-which only sets up their console logging first.
+which sets up their console logging first, starts them early (standbys that
+import Beam while the driver builds the pipeline) and lets them exit at once
+when the harness is done.
 Any other ``--runner`` (DataflowRunner, FlinkRunner, SparkRunner, PrismRunner
 ...) and every other Beam option pass straight through to ``PipelineOptions``.
 """
@@ -14,14 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
 from apache_beam.portability import python_urns
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 
-from preprocessing.worker import TRACEBACKS_LOGGER
+from preprocessing import worker
+from preprocessing.worker import LOCAL_RUNNER_NAMES, TRACEBACKS_LOGGER, available_cores  # noqa: F401 - re-exported
 
 # Workers log our progress; Beam's start-up chatter in each worker is noise to a person watching, and so
 # are its tracebacks of a failed bundle (sdk_worker, common): the driver raises the same error, which the
@@ -32,7 +34,6 @@ _WORKER_LOG_LEVELS = {"preprocessing": "INFO", "__main__": "ERROR", "apache_beam
 # The worker command FnApiRunner's multi_processing mode starts, and ours (the same harness, quieter logs).
 _BEAM_WORKER_MODULE = b" -m apache_beam.runners.worker.sdk_worker_main"
 _WORKER_MODULE = b" -m preprocessing.worker"
-LOCAL_RUNNER_NAMES = ("", "directrunner", "direct", "fnapirunner")
 
 
 @dataclass
@@ -43,14 +44,6 @@ class RunnerChoice:
     options: PipelineOptions
     description: str
     local: bool
-
-
-def available_cores() -> int:
-    """CPU cores this process may use (affinity-aware)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _has_flag(args: list[str], name: str) -> bool:
@@ -115,7 +108,7 @@ def choose_runner(beam_args: list[str]) -> RunnerChoice:
     options = PipelineOptions(args)
     direct = options.view_as(DirectOptions)
     if direct.direct_running_mode == "multi_processing":
-        _make_package_importable_in_workers()
+        worker.make_package_importable()
     description = f"FnApiRunner ({direct.direct_running_mode}, {direct.direct_num_workers} workers)"
     return RunnerChoice(runner=_fn_api_runner(options), options=options, description=description, local=True)
 
@@ -138,22 +131,20 @@ class LocalRunner(fn_runner.FnApiRunner):
     """Beam's FnApiRunner whose worker processes start with :mod:`preprocessing.worker`.
 
     That module runs Beam's own SDK harness after setting up the worker's
-    console logging (no bootstrap INFO lines, no "apitools not found"). The
-    runner hard-codes its worker command line for ``multi_processing``, so the
-    command is swapped in the pipeline proto it is about to run.
+    console logging (no bootstrap INFO lines, no "apitools not found"); when
+    standby workers are running (:func:`preprocessing.worker.start_standby`)
+    the command hands each worker to one of them instead of starting a new
+    Python. The runner hard-codes its worker command line for
+    ``multi_processing``, so the command is swapped in the pipeline proto it
+    is about to run.
     """
 
     def run_via_runner_api(self, pipeline_proto, options):
+        standby = worker.standby_command()
         for environment in pipeline_proto.components.environments.values():
             if environment.urn == python_urns.SUBPROCESS_SDK and environment.payload.endswith(_BEAM_WORKER_MODULE):
-                environment.payload = environment.payload[: -len(_BEAM_WORKER_MODULE)] + _WORKER_MODULE
+                if standby:
+                    environment.payload = standby.encode()
+                else:
+                    environment.payload = environment.payload[: -len(_BEAM_WORKER_MODULE)] + _WORKER_MODULE
         return super().run_via_runner_api(pipeline_proto, options)
-
-
-def _make_package_importable_in_workers() -> None:
-    """Worker processes start with ``python -m ...``: let them import this package even when not installed."""
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
-    if package_parent not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([package_parent, *paths])
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -2,10 +2,11 @@
 
 The accounting is what the pipeline itself writes: every step that decides an
 input's outcome (found, written, rejected, duplicates, per split and class;
-rejections by stage; source sizes) also emits a small element on its
-``COUNTS`` (or ``SIZES``) output. The pipeline sums them and writes the sums
-beside the records (``COUNTS_FILE`` in the staging folder), so the numbers do
-not depend on whether, when or how a runner reports metrics. Beam counters of
+rejections by stage; source sizes) counts it in a :class:`Tally` and hands
+its bundle's counts on in one report element (:func:`report`). The pipeline
+merges the reports (:class:`MergeReports`) and writes the sums beside the
+records (``COUNTS_FILE`` in the staging folder), so the numbers do not depend
+on whether, when or how a runner reports metrics. Beam counters of
 the same names are kept for progress while the job runs, and compared with the
 pipeline's counts at the end (:func:`cross_check`): a disagreement is reported,
 never a reason to drop a good output.
@@ -28,27 +29,44 @@ NAMESPACE = "preprocessing"
 NO_CLASS = "(none)"  # an input rejected before its class was known (e.g. a manifest row with a blank label)
 OUTCOMES = ("found", "written", "rejected", "duplicates")
 LONG_SIDE_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-COUNTS = "counts"  # tag of the counts output of each counting step
-SIZES = "sizes"  # tag of the (width, height) output of the converting step
 COUNTS_FILE = "_counts.json"  # written by the pipeline into the staging folder, folded into stats.json
 
 _log = logging.getLogger("preprocessing")
 
 
-def tally(name: str, value: int = 1) -> beam.pvalue.TaggedOutput:
-    """Count ``name``: a Beam counter (for progress) and the element to yield on ``COUNTS`` (the accounting)."""
-    Metrics.counter(NAMESPACE, name).inc(value)
-    return beam.pvalue.TaggedOutput(COUNTS, (name, value))
+class Tally:
+    """One bundle's counts, also added to the Beam counters of the same names (progress, cross-check).
 
+    The step that owns it hands :meth:`counts` on once per bundle, in its
+    report (:class:`MergeReports`), instead of one element per count; the
+    counters are incremented then too, once per name and bundle.
+    """
 
-def count(outcome: str, split: str, label: str, value: int = 1) -> beam.pvalue.TaggedOutput:
-    """One outcome for one (split, class); yield the result."""
-    return tally(f"{outcome}:{split}:{label}", value)
+    def __init__(self) -> None:
+        self.values: dict[str, int] = defaultdict(int)
 
+    def add(self, name: str, value: int = 1) -> None:
+        self.values[name] += value
 
-def count_stage(stage: str) -> beam.pvalue.TaggedOutput:
-    """One more input rejected at ``stage``; yield the result."""
-    return tally(f"stage:{stage}")
+    def count(self, outcome: str, split: str, label: str, value: int = 1) -> None:
+        """One outcome for one (split, class)."""
+        self.add(f"{outcome}:{split}:{label}", value)
+
+    def stage(self, stage: str) -> None:
+        """One more input rejected at ``stage``."""
+        self.add(f"stage:{stage}")
+
+    def size(self, width: int, height: int) -> None:
+        """A decoded source image's size (the histogram; the caller keeps the min/max/mean)."""
+        Metrics.distribution(NAMESPACE, "source_width").update(width)
+        Metrics.distribution(NAMESPACE, "source_height").update(height)
+        self.add(f"long_side:{size_bucket(width, height)}")
+
+    def counts(self) -> dict[str, int]:
+        """The bundle's counts (call once, as the bundle ends: it also increments the Beam counters)."""
+        for name, value in self.values.items():
+            Metrics.counter(NAMESPACE, name).inc(value)
+        return dict(self.values)
 
 
 def size_bucket(width: int, height: int) -> str:
@@ -58,13 +76,6 @@ def size_bucket(width: int, height: int) -> str:
         if side <= edge:
             return f"<={edge}"
     return f">{LONG_SIDE_BUCKETS[-1]}"
-
-
-def count_size(width: int, height: int) -> list:
-    """A decoded source image's size: the elements to yield."""
-    Metrics.distribution(NAMESPACE, "source_width").update(width)
-    Metrics.distribution(NAMESPACE, "source_height").update(height)
-    return [tally(f"long_side:{size_bucket(width, height)}"), beam.pvalue.TaggedOutput(SIZES, (width, height))]
 
 
 class SizeSummary(beam.CombineFn):
@@ -93,6 +104,40 @@ class SizeSummary(beam.CombineFn):
 
     def extract_output(self, accumulator):
         return {key: dict(zip(("count", "min", "max", "sum"), values)) for key, values in accumulator.items()}
+
+
+def report(counts: dict | None = None, sizes: dict | None = None, errors: list | None = None,
+           shards: list | None = None) -> dict:
+    """What one bundle of a step hands on: its counts, source sizes, rejected-input files and written shards."""
+    return {"counts": counts or {}, "sizes": sizes, "errors": errors or [], "shards": shards or []}
+
+
+class MergeReports(beam.CombineFn):
+    """All the steps' bundle reports -> one (counts summed, sizes merged, file lists joined)."""
+
+    def create_accumulator(self):
+        return report(sizes=SizeSummary().create_accumulator())
+
+    def add_input(self, accumulator, one):
+        return self.merge_accumulators([accumulator, one])
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        counts = defaultdict(int)
+        sizes = [merged["sizes"]]
+        for accumulator in accumulators:
+            for name, value in accumulator["counts"].items():
+                counts[name] += value
+            if accumulator["sizes"]:
+                sizes.append(accumulator["sizes"])
+            merged["errors"].extend(accumulator["errors"])
+            merged["shards"].extend(accumulator["shards"])
+        merged["counts"] = dict(counts)
+        merged["sizes"] = SizeSummary().merge_accumulators(sizes)
+        return merged
+
+    def extract_output(self, accumulator):
+        return accumulator
 
 
 def counts_json(counters: dict, sizes: dict) -> str:

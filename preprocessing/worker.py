@@ -9,11 +9,37 @@ prints its bootstrap INFO lines ("Logging handler created.") and the import-time
 through a default handler in the raw ``LEVEL:name:message`` format. Here the
 console gets this package's own INFO lines (progress) and every WARNING or
 worse from anything else, in the driver's format.
+
+**Start-up and shut-down.** Importing Beam's harness takes a worker about a
+second, and the runner starts its workers only when it runs the first stage,
+after the driver has built the pipeline. So the driver starts its workers
+*early*, as standbys (:func:`start_standby`), each waiting on a Unix socket
+in a private temporary folder. The CLI, when it is the program (one job per
+process), forks them right after importing Beam and the job's modules and
+before any gRPC is started: the copies need no imports of their own. Code
+that calls :func:`preprocessing.job.run` gets them as new processes
+(``python -m preprocessing.worker --standby FOLDER N``) that import the
+harness and the job's modules while the driver inspects the input and builds
+the pipeline. The command the runner then starts for each worker is
+``python -S .../worker.py --attach FOLDER`` (standard library only, a few
+milliseconds): it claims a standby (an atomic rename of ``N.ready``), hands it
+its environment (the control and logging addresses and pipeline options
+that Beam's runner gives a worker, ``CONTROL_API_SERVICE_DESCRIPTOR`` and
+friends) and waits for its exit status, so to the runner it is the worker
+process. With no standby left (or none started) it ``exec``s the ordinary
+worker. Standbys exit when their driver does, and the driver ends unused ones
+(:func:`stop_standby`). A worker leaves with ``os._exit`` as soon as the
+harness returns (its logs flushed): the interpreter's own teardown (joining
+gRPC's threads) took ~0.3 s per worker, and the runner stops its workers one
+after the other.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -68,11 +94,273 @@ def configure_console() -> None:
     sys.stderr = QuietTracebacks(sys.stderr)
 
 
-def main() -> None:
-    configure_console()
+def _run_harness() -> int:
+    """Beam's SDK harness in this process (its environment set); the exit status."""
     from apache_beam.runners.worker import sdk_worker_main
 
-    sdk_worker_main.main(sys.argv)
+    try:
+        sdk_worker_main.main(sys.argv)
+        return 0
+    except SystemExit as leaving:
+        return leaving.code if isinstance(leaving.code, int) else 1
+    except BaseException:  # noqa: BLE001 - printed as Python would (minus what QuietTracebacks drops)
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+# ---------------------------------------------------------------- standby workers (the driver's side)
+
+BEAM_VERSION = "2.77.0"  # the pinned apache-beam (pyproject.toml): the standby hand-over is checked against it
+LOCAL_RUNNER_NAMES = ("", "directrunner", "direct", "fnapirunner")  # --runner values that mean the local runner
+_READY, _TAKEN, _SOCKET = ".ready", ".taken", ".sock"
+_standby = None
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def make_package_importable() -> None:
+    """Worker processes start with ``python -m ...``: let them import this package even when not installed."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
+    if package_parent not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([package_parent, *paths])
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    value = None
+    for index, arg in enumerate(args):
+        if arg == name and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def local_workers(beam_args: list[str]) -> int:
+    """How many worker processes the local runner will start for these Beam flags (0: another runner or mode).
+
+    Read from the raw flags, before Beam is imported; the runner itself
+    decides (:func:`preprocessing.runners.choose_runner`), so a wrong guess
+    only costs an unused standby, or a worker started the ordinary way.
+    """
+    runner = (_flag(beam_args, "--runner") or "").strip().lower()
+    if runner not in LOCAL_RUNNER_NAMES:
+        return 0
+    if (_flag(beam_args, "--direct_running_mode") or "multi_processing") != "multi_processing":
+        return 0
+    try:
+        count = int(_flag(beam_args, "--direct_num_workers") or available_cores())
+    except ValueError:
+        return 0
+    return count if count > 0 else (os.cpu_count() or 1)
+
+
+class Standby:
+    """``count`` worker processes, started now, each waiting until a runner's worker claims it.
+
+    Forked from this process when it may be (``fork``: it has Beam and the
+    job's modules imported and no other thread, and has started no gRPC yet,
+    so the copies need no imports of their own), otherwise started as new
+    Python processes that import Beam's harness while this one works.
+    """
+
+    def __init__(self, count: int, fork: bool = False) -> None:
+        import subprocess
+        import tempfile
+        import threading
+
+        make_package_importable()
+        self.folder = tempfile.mkdtemp(prefix="preprocessing-workers-")
+        self.processes: list = []
+        self.forked: list[int] = []
+        if fork and threading.active_count() == 1:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()  # or the copies would print what is buffered again
+            for index in range(count):
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        standby(self.folder, str(index), forked=True)
+                    finally:
+                        os._exit(1)
+                self.forked.append(pid)
+            return
+        self.processes = [
+            subprocess.Popen([sys.executable, "-m", "preprocessing.worker", "--standby", self.folder, str(index)],
+                             stdin=subprocess.DEVNULL)
+            for index in range(count)
+        ]
+
+    def command(self) -> str:
+        """The shell command that runs one worker on a standby."""
+        import shlex
+
+        return " ".join([shlex.quote(sys.executable), "-S", shlex.quote(os.path.abspath(__file__)), "--attach",
+                         shlex.quote(self.folder)])
+
+    def close(self) -> None:
+        """End the standbys nobody claimed (claimed ones have exited with their runner), remove the folder."""
+        import shutil
+        import signal
+        import subprocess
+
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for pid in self.forked:
+            try:
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    os.kill(pid, signal.SIGTERM)
+                    os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def start_standby(count: int, fork: bool = False) -> None:
+    """Start ``count`` standby workers for this process's next local run (no-op if some are running).
+
+    Only with the pinned Beam: the hand-over relies on how its runner starts a
+    ``SubprocessSDKEnvironment`` worker (a shell command with the harness's
+    environment variables). With another Beam the workers start the ordinary
+    way, after the driver has built the pipeline.
+    """
+    global _standby
+    if _standby is not None or count <= 0:
+        return
+    from importlib import metadata
+
+    try:
+        if metadata.version("apache-beam") != BEAM_VERSION:
+            return
+    except metadata.PackageNotFoundError:
+        return
+    _standby = Standby(count, fork)
+
+
+def standby_command() -> str | None:
+    """The worker command for the runner when standbys are running, else ``None``."""
+    return _standby.command() if _standby is not None else None
+
+
+def stop_standby() -> None:
+    global _standby
+    if _standby is not None:
+        standby, _standby = _standby, None
+        standby.close()
+
+
+# ---------------------------------------------------------------- the worker processes' side
+
+def _receive(connection: socket.socket) -> bytes:
+    chunks = []
+    while chunk := connection.recv(1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _preload() -> None:
+    """What the job's steps import and build anyway on their first bundle, done while waiting."""
+    from preprocessing import pipeline, shards, tfrecords  # noqa: F401 - Pillow, numpy, protobuf, Beam's IO
+
+    tfrecords._example_class()
+
+
+def standby(folder: str, name: str, forked: bool = False) -> None:
+    """Wait, with Beam's harness imported, for a runner's worker to hand over its environment; then be it."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(os.path.join(folder, name + _SOCKET))
+    server.listen(1)
+    with open(os.path.join(folder, name + _READY), "w"):  # claimable now; the claimant waits for the imports
+        pass
+    if forked:  # the driver's console handler goes; the worker's own comes below
+        import random
+
+        random.seed()
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+    configure_console()
+    from apache_beam.runners.worker import sdk_worker_main  # noqa: F401 - the second it takes is why standbys exist
+
+    _preload()
+    parent = os.getppid()
+    server.settimeout(0.5)
+    while True:
+        try:
+            connection, _ = server.accept()
+            break
+        except socket.timeout:
+            if os.getppid() != parent:  # the driver is gone
+                os._exit(0)
+    server.close()
+    connection.settimeout(None)
+    environment = json.loads(_receive(connection))
+    os.environ.clear()
+    os.environ.update(environment)
+    code = _run_harness()
+    try:
+        connection.sendall(str(code).encode())
+        connection.close()
+    finally:
+        os._exit(code)
+
+
+def attach(folder: str) -> None:
+    """Run as a worker by claiming a standby: hand it this process's environment, exit with its status."""
+    environment = json.dumps(dict(os.environ)).encode()
+    for entry in sorted(os.listdir(folder)):
+        if not entry.endswith(_READY):
+            continue
+        name = entry[: -len(_READY)]
+        try:
+            os.rename(os.path.join(folder, entry), os.path.join(folder, name + _TAKEN))
+        except OSError:
+            continue  # another worker claimed it first
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            connection.connect(os.path.join(folder, name + _SOCKET))
+            connection.sendall(environment)
+            connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            connection.close()
+            continue  # that standby is gone
+        status = _receive(connection).strip()
+        sys.exit(int(status) if status.isdigit() else 1)
+    os.execv(sys.executable, [sys.executable, "-m", "preprocessing.worker"])
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args[:1] == ["--attach"]:
+        attach(args[1])
+    elif args[:1] == ["--standby"]:
+        standby(args[1], args[2])
+    else:
+        configure_console()
+        os._exit(_run_harness())
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ for one model (loading and warming up one version is
 * a folder that is not a valid SavedModel (or whose warm-up fails) is logged,
   reported as ``END`` with its error by GetModelStatus, and skipped - the
   policy then chooses among the remaining versions. It is tried again only if
-  its modification time changes;
+  a file in it changes (repaired in place, or a copy into it completed);
 * version labels (``stable``, ``canary``) map to version numbers.
 """
 
@@ -104,7 +104,7 @@ class ModelManager:
         self._lock = threading.Lock()
         self._available: dict[int, LoadedVersion] = {}
         self._states: dict[int, VersionState] = {}
-        self._failed: dict[int, float] = {}  # version -> folder mtime when it failed
+        self._failed: dict[int, tuple] = {}  # version -> its files (_fingerprint) when it failed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned_empty = False
@@ -158,11 +158,22 @@ class ModelManager:
         return found
 
     @staticmethod
-    def _mtime(path: str) -> float:
+    def _fingerprint(path: str) -> tuple:
+        """Every file under a version folder with its size and mtime: a failed version is retried when it changes.
+
+        (The folder's own mtime would miss a file completed, or copied into ``variables/``, after a failed load.)
+        """
+        import tensorflow as tf
+
+        files = []
         try:
-            return os.stat(path).st_mtime
-        except OSError:
-            return 0.0
+            for folder, _, names in tf.io.gfile.walk(path):
+                for name in names:
+                    stat = tf.io.gfile.stat(os.path.join(folder, name))
+                    files.append((os.path.relpath(os.path.join(folder, name), path), stat.length, stat.mtime_nsec))
+        except tf.errors.OpError:
+            pass
+        return tuple(sorted(files))
 
     def _load(self, version: int, path: str) -> None:
         with self._lock:
@@ -173,13 +184,17 @@ class ModelManager:
             loaded = LoadedVersion(self.name, version, path)
             warmed = loaded.warm_up() if self.warmup else 0
         except Exception as exc:  # noqa: BLE001 - any broken folder is skipped, never fatal
+            # As TF Serving: a failed load is published as END with the load's own status (BasicManager's
+            # error_callback in tensorflow_serving/core/basic_manager.cc), which GetModelStatus returns
+            # (tensorflow_serving/model_servers/get_model_status_impl.cc).
+            code = exc.code if isinstance(exc, ServingError) else grpc.StatusCode.UNKNOWN
             message = (exc.message if isinstance(exc, ServingError) else str(exc)).strip().splitlines()
             message = message[0] if message else type(exc).__name__
-            log.error("skipping model %s version %d at %s: not a servable SavedModel: %s",
-                      self.name, version, path, message)
+            log.error("skipping model %s version %d at %s: not a servable SavedModel: %s: %s",
+                      self.name, version, path, code.name, message)
             with self._lock:
-                self._states[version] = VersionState(END, grpc.StatusCode.UNKNOWN, message)
-                self._failed[version] = self._mtime(path)
+                self._states[version] = VersionState(END, code, message)
+                self._failed[version] = self._fingerprint(path)
             return
         with self._lock:
             self._available[version] = loaded
@@ -238,8 +253,8 @@ class ModelManager:
 
     def _poll(self) -> bool:
         found = self._candidates()
-        for version, mtime in list(self._failed.items()):
-            if version not in found or self._mtime(found[version]) != mtime:
+        for version, fingerprint in list(self._failed.items()):
+            if version not in found or self._fingerprint(found[version]) != fingerprint:
                 self._failed.pop(version)
         changed = False
         while True:  # a version that fails to load drops out, and the policy chooses again

@@ -48,22 +48,41 @@ class LoadedVersion:
 
     def __init__(self, name: str, version: int, path: str):
         import tensorflow as tf
+        from google.protobuf.message import DecodeError
         from tensorflow.core.protobuf import saved_model_pb2
 
         self.name = name
         self.version = version
         self.path = path
+        # A folder that does not load raises the status TensorFlow's loader gives it, as TF Serving reports it
+        # (GetModelStatus: END with that status): a missing or unparsable saved_model.pb is NOT_FOUND or
+        # DATA_LOSS with the messages of tensorflow/cc/saved_model/reader.cc and ReadBinaryProto.
         pb = os.path.join(path, "saved_model.pb")
         if not tf.io.gfile.exists(pb):
-            raise ValueError(f"no saved_model.pb in {path}")
+            raise ServingError(grpc.StatusCode.NOT_FOUND,
+                               f"Could not find SavedModel .pb or .pbtxt at supplied export directory path: {path}")
         proto = saved_model_pb2.SavedModel()
-        with tf.io.gfile.GFile(pb, "rb") as handle:
-            proto.ParseFromString(handle.read())
+        try:
+            with tf.io.gfile.GFile(pb, "rb") as handle:
+                proto.ParseFromString(handle.read())
+        except DecodeError:
+            raise ServingError(grpc.StatusCode.DATA_LOSS, f"Can't parse {pb} as binary proto") from None
         serve = [mg for mg in proto.meta_graphs if "serve" in mg.meta_info_def.tags] or list(proto.meta_graphs)
         if not serve:
-            raise ValueError(f"{pb} holds no MetaGraph")
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find meta graph def matching supplied tags: "
+                                                          f"{{ serve }} in {pb}")
         self.signature_defs = dict(serve[0].signature_def)
-        self._loaded = tf.saved_model.load(path, tags=["serve"])
+        try:
+            self._loaded = tf.saved_model.load(path, tags=["serve"])
+        except (tf.errors.OpError, OSError) as exc:  # variables/ missing: NOT_FOUND (wrapped in FileNotFoundError)
+            error = exc if isinstance(exc, tf.errors.OpError) else exc.__cause__
+            if isinstance(error, tf.errors.OpError):
+                code, message = _TF_CODES.get(error.error_code, grpc.StatusCode.UNKNOWN), error.message or str(error)
+            else:
+                code = grpc.StatusCode.NOT_FOUND if isinstance(exc, FileNotFoundError) else grpc.StatusCode.UNKNOWN
+                message = str(exc)
+            lines = message.strip().splitlines()
+            raise ServingError(code, lines[0] if lines else type(exc).__name__) from exc
         self._functions = dict(self._loaded.signatures)
         self.batchers: dict = {}
         self._batchers_lock = threading.Lock()

@@ -116,8 +116,10 @@ def test_local_runner_uses_worker_processes_and_needs_no_network(tmp_path):
     assert re.search(r"^\d\d:\d\d:\d\d INFO listed \d+ input files$", proc.stderr, re.MULTILINE), proc.stderr[-3000:]
     for noise in ("apitools not found", "Logging handler created", "INFO:"):
         assert noise not in proc.stderr, proc.stderr[-3000:]
-    # one shard per worker that wrote records: the Reshuffle after listing spread the files over both workers
-    assert sorted(p.name for p in out.glob("train-*")) == ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
+    # the default shard count (preprocessing.shards): a split of fewer than 64 records gets one shard per record
+    written = stats["written"]["train"]
+    assert sorted(p.name for p in out.glob("train-*")) == [f"train-{i:05d}-of-{written:05d}.tfrecord" for i in range(written)]
+    assert [len(readback.read_records(str(out), "train"))] == [written]
     assert {e["path"].rsplit("/", 1)[-1] for e in readback.read_errors(str(out))} == {
         "broken_empty.jpg", "broken_truncated.jpg", "broken_not_an_image.jpg"}
 
@@ -176,3 +178,13 @@ def test_beam_options_and_anything_after_a_double_dash_reach_beam(tmp_path):
     assert main(["--input", str(root), "--output", str(out), "--image-size", "8", "--direct_num_workers=1",
                  "--direct_running_mode", "in_memory", "--", "--a_runners_own_flag=1"]) == 0
     assert json.loads((out / "stats.json").read_text())["totals"]["written"] == 6
+
+
+def test_stats_json_records_every_shards_size(tmp_path):
+    generate(str(tmp_path / "in"), SampleSpec(per_class=4, seed=5))
+    out = tmp_path / "data"
+    assert main(["--input", str(tmp_path / "in"), "--output", str(out), "--image-size", "32"]) == 0
+    shards = json.loads((out / "stats.json").read_text())["shards"]
+    on_disk = {split: {p.name: p.stat().st_size for p in sorted(out.glob(f"{split}-*.tfrecord"))}
+               for split in ("train", "validation", "test")}
+    assert shards == on_disk and sum(len(files) for files in shards.values()) > 3

@@ -28,8 +28,9 @@ def test_a_full_disk_fails_in_one_line_publishes_nothing_and_a_rerun_works(tmp_p
     photos = tmp_path / "photos"
     generate(str(photos), SampleSpec(per_class=30))
     out = tmp_path / "data"
+    # one shard per split, so that the train shard (~100 images) outgrows the limit (default shards stay below it)
     command = [sys.executable, "-m", "preprocessing", "--input", str(photos), "--output", str(out),
-               "--image-size", "64", "--progress-seconds", "0"]
+               "--image-size", "64", "--progress-seconds", "0", "--num-shards", "1"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     failed = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300,
                             preexec_fn=_limit_file_size(60_000))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptions, StandardOptions
 from apache_beam.runners.portability.fn_api_runner.fn_runner import FnApiRunner
 
@@ -60,3 +61,89 @@ def test_local_workers_start_through_the_quiet_entry_point(monkeypatch):
     assert passes("apache_beam.io.filesystem", logging.WARNING, "a real warning")
     assert not passes("apache_beam.runners.worker.sdk_worker_main", logging.INFO, "Logging handler created.")
     assert not passes("root", logging.WARNING, "apitools not found, and bigquery client libraries are not available")
+
+
+def test_with_standby_workers_the_runner_hands_each_worker_to_one(monkeypatch):
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    from preprocessing import worker
+
+    proto = beam_runner_api_pb2.Pipeline()
+    env = proto.components.environments["e"]
+    env.urn, env.payload = "beam:env:harness_subprocess_python:v1", b"/x/python -m apache_beam.runners.worker.sdk_worker_main"
+    monkeypatch.setattr(worker, "standby_command", lambda: "/x/python -S /y/worker.py --attach /tmp/standby")
+    monkeypatch.setattr(FnApiRunner, "run_via_runner_api", lambda self, pipeline_proto, options: pipeline_proto)
+    ran = runners.choose_runner([]).runner.run_via_runner_api(proto, None)
+    assert ran.components.environments["e"].payload == b"/x/python -S /y/worker.py --attach /tmp/standby"
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], "cores"), (["--direct_num_workers=3"], 3), (["--direct_num_workers", "2"], 2),
+    (["--runner", "DirectRunner", "--direct_num_workers=2"], 2), (["--runner=DataflowRunner"], 0),
+    (["--direct_running_mode=in_memory"], 0), (["--direct_running_mode", "multi_threading"], 0),
+])
+def test_standby_workers_are_started_for_the_local_multi_process_runner_only(args, expected):
+    from preprocessing import worker
+
+    assert worker.local_workers(args) == (runners.available_cores() if expected == "cores" else expected)
+
+
+def test_no_standby_workers_with_another_beam_version(monkeypatch):
+    from importlib import metadata
+
+    from preprocessing import worker
+
+    monkeypatch.setattr(metadata, "version", lambda name: "2.99.0")
+    worker.start_standby(2)
+    assert worker.standby_command() is None
+
+
+def _photos(root, count=12):
+    import numpy as np
+    from PIL import Image
+
+    for index in range(count):
+        folder = root / ("a" if index % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (6, 6, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.mark.parametrize("fork", [False, True], ids=["new processes", "forked"])
+def test_a_local_run_on_standby_workers_leaves_no_process_or_folder_behind(tmp_path, repo_root, fork):
+    """job.run from a library starts its standbys as new processes; the CLI, as the program, forks them.
+
+    (Forking is exercised in a child process: this test process has other threads.)
+    """
+    import glob
+    import subprocess
+    import sys
+    import tempfile
+
+    photos = _photos(tmp_path / "photos")
+    out = tmp_path / "data"
+    code = (
+        "import glob, os, sys, tempfile\n"
+        "from preprocessing import worker\n"
+        "from preprocessing.config import PreprocessConfig\n"
+        "from preprocessing.job import run\n"
+        f"worker.start_standby(2, fork={fork})\n"
+        "standby = worker._standby\n"
+        "assert standby is not None and len(standby.forked if standby.forked else standby.processes) == 2\n"
+        f"assert bool(standby.forked) == {fork}\n"
+        f"stats = run(PreprocessConfig(input={str(photos)!r}, output={str(out)!r}, image_size=(8, 8), "
+        "progress_seconds=0), ['--direct_num_workers=2'])\n"
+        "assert stats['totals']['written'] == 12 and 'multi_processing' in stats['run']['runner']\n"
+        "assert worker._standby is None and not os.path.exists(standby.folder)\n"
+        "assert all(p.poll() is not None for p in standby.processes)\n"
+        "for pid in standby.forked:\n"
+        "    try:\n"
+        "        os.waitpid(pid, os.WNOHANG)\n"
+        "        raise AssertionError('a forked standby was not reaped')\n"
+        "    except ChildProcessError:\n"
+        "        pass\n"
+    )
+    before = set(glob.glob(f"{tempfile.gettempdir()}/preprocessing-workers-*"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(glob.glob(f"{tempfile.gettempdir()}/preprocessing-workers-*")) <= before

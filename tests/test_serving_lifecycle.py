@@ -67,7 +67,8 @@ def test_a_folder_that_is_not_a_savedmodel_is_logged_skipped_and_reported(tiny_m
                 statuses = client.status()
                 assert client.predict(split_images["test"][:1])[0].model_version == 1
     assert [(s.version, s.state) for s in statuses] == [(2, "END"), (1, "AVAILABLE")]  # newest first, as TF Serving
-    assert statuses[0].error_code == "UNKNOWN" and statuses[0].error_message
+    assert statuses[0].error_code == "DATA_LOSS"  # as TF Serving: its ReadBinaryProto's status (test_crash_safety)
+    assert statuses[0].error_message == f"Can't parse {broken / 'saved_model.pb'} as binary proto"
     assert any("skipping model classifier version 2" in r.getMessage() for r in caplog.records)
 
 

@@ -261,7 +261,7 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
     if mode == "resume" and search.is_complete(tuner):
         log.info("the resumed search has run all its trials: on to the final fit (caches built only as it needs them)")
     else:
-        from trainer.data.features import build_once
+        from trainer.data.build_once import build_once
 
         for cache in (features, activations):
             if cache is not None:

@@ -37,6 +37,7 @@ from trainer.data.records import batch_for_replicas, image_dataset
 from trainer.model.backbones import Backbone
 from trainer.model.classifier import build_feature_extractor
 from trainer.progress import Progress
+from trainer.staging import owner, remove_stale
 
 log = logging.getLogger("trainer.data.features")
 
@@ -194,58 +195,21 @@ class FeatureCache:
         return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def build_once(cache, role: str, *, patience_s: float = 120.0, poll_s: float = 1.0) -> None:
-    """Build ``cache`` (a :class:`FeatureCache` or ``ActivationCache``) once per distributed search.
-
-    The chief (or a single process) builds it, with a ``<cache>.building``
-    marker beside it while it does. A worker waits for the chief's: as long
-    as the marker is there, and up to ``patience_s`` for it to appear. When
-    none appears (a worker that does not share the chief's filesystem), or
-    the chief's build stops without publishing, the worker builds its own.
-    """
-    import tensorflow as tf
-
-    marker = f"{cache.path}.building"
-    if role != "worker":
-        tf.io.gfile.makedirs(os.path.dirname(marker) or ".")
-        with tf.io.gfile.GFile(marker, "w") as handle:
-            handle.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
-        try:
-            cache.ensure()
-        finally:
-            if tf.io.gfile.exists(marker):
-                tf.io.gfile.remove(marker)
-        return
-    started = reported = time.monotonic()
-    seen_marker = False
-    while not cache.ready():
-        building = tf.io.gfile.exists(marker)
-        seen_marker = seen_marker or building
-        waited = time.monotonic() - started
-        if (seen_marker and not building) or (not seen_marker and waited > patience_s):
-            log.info("%s: no cache from the chief (%s); building it here", cache.path,
-                     "its build stopped" if seen_marker else f"none after {patience_s:.0f}s")
-            cache.ensure()
-            return
-        if time.monotonic() - reported >= 30.0:
-            reported = time.monotonic()
-            log.info("waiting for the chief's cache at %s (%.0fs)", cache.path, waited)
-        time.sleep(poll_s)
-    log.info("using the cache the chief built at %s", cache.path)
-
-
 def save_dataset(dataset, path: str, summary) -> None:
     """``dataset.save`` into a temporary sibling of ``path``, then a DONE marker holding ``summary()``, then publish.
 
     ``summary`` is called after the save, so it may report what the save
-    consumed (a generator's count). Readers check :func:`is_saved`. A shard
+    consumed (a generator's count). Readers check :func:`is_saved`; a
+    temporary sibling that a killed run left is never read, and is removed
+    here (:mod:`trainer.staging`). A shard
     that stops reading inside a ``from_generator`` dataset reaches the save
     as an ``UnknownError``; it is raised again as the ``DataLossError`` it is,
     so the run names the shard.
     """
     import tensorflow as tf
 
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    remove_stale(os.path.dirname(path), f"{os.path.basename(path)}.tmp-")
+    tmp = f"{path}.tmp-{owner()}-{uuid.uuid4().hex}"
     try:
         dataset.save(tmp)
     except tf.errors.UnknownError as error:

@@ -16,14 +16,15 @@ graph reads its class names from it), ``assets.extra/tf_serving_warmup_requests`
 (a TFRecord of ``PredictionLog`` that TF Serving replays before it serves the
 version) and ``assets.extra/metadata.json`` (the run's metadata).
 
-Publishing is atomic: the SavedModel is written to a hidden, non-numeric
-folder under the export base (``.tmp-<version>-<pid>``, which neither TF
-Serving nor the project's server takes for a version), reloaded and checked
-against the Keras model, and only then renamed to ``<version>``. On a local
-filesystem that rename is atomic; on object stores (``gs://``, ``s3://``) a
-"rename" is a copy and delete, so a watcher polling at the wrong moment could
-see a partial folder there - export locally and upload, or point the server at
-the bucket only after the copy, if that matters.
+Publishing is atomic: the SavedModel is written to a hidden, non-numeric folder
+under the export base (``.tmp-<version>-<host>~<pid>``, which neither TF Serving
+nor the project's server takes for a version; one a killed export left is
+removed by the next, :mod:`trainer.staging`), reloaded and checked against the
+Keras model, and only then renamed to ``<version>``. On a local filesystem that
+rename is atomic; on object stores (``gs://``, ``s3://``) a "rename" is a copy
+and delete, so a watcher polling at the wrong moment could see a partial folder
+there - export locally and upload, or point the server at the bucket only after
+the copy, if that matters.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from preprocessing.config import DEFAULT_MAX_PIXELS
+from trainer.staging import owner, remove_stale
 
 SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "image_bytes"
@@ -248,10 +250,9 @@ def export_model(
         raise ExportError(f"version {version} already exists at {final_dir}; versions are never overwritten")
 
     tf.io.gfile.makedirs(export_base)
-    tmp_dir = os.path.join(export_base, f".tmp-{version}-{os.getpid()}")
-    staging = os.path.join(export_base, f".tmp-{version}-{os.getpid()}-labels")
-    _remove(tmp_dir)
-    _remove(staging)
+    remove_stale(export_base, ".tmp-")
+    tmp_dir = os.path.join(export_base, f".tmp-{version}-{owner()}")
+    staging = f"{tmp_dir}-labels"
     try:
         try:
             expected = _keras_probabilities(model, check_images, image_size, resize_mode, max_pixels)

@@ -1,0 +1,87 @@
+"""Temporary names for write-then-rename that say who wrote them, and removing those a killed run left.
+
+The export (``EXPORT/.tmp-<version>-<owner>``) and the feature caches
+(``<path>.tmp-<owner>-<uuid>``) write into a temporary sibling and rename it
+into place, so readers never see half of one. A process killed in between
+leaves its temporary behind: never read (readers look only at the final
+names, and a cache only with its DONE marker), but it holds a whole SavedModel
+or feature set. ``<owner>`` is ``<host>~<pid>``, so a later write to the same
+place can tell a leftover from a write in flight: it removes a temporary whose
+writer ran on this host and is gone (or had this very process id: a restarted
+container reuses its pid), or one untouched for :data:`STALE_AFTER_S` (a
+writer on another host, whose process cannot be checked). Names without an
+owner are someone else's and are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+
+log = logging.getLogger("trainer.staging")
+
+STALE_AFTER_S = 24 * 3600.0
+_OWNER = re.compile(r"(?P<host>[A-Za-z0-9._]+)~(?P<pid>[0-9]+)")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def owner() -> str:
+    """``<host>~<pid>`` of this process, for a temporary name."""
+    return f"{_host()}~{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, as another user's process
+        return True
+    return True
+
+
+def is_stale(path: str) -> bool:
+    """Whether the temporary ``path`` was left by a writer that is gone (see the module docstring)."""
+    import tensorflow as tf
+
+    match = _OWNER.search(os.path.basename(path.rstrip("/")))
+    if match is None:
+        return False
+    if match["host"] == _host() and (int(match["pid"]) == os.getpid() or not _alive(int(match["pid"]))):
+        return True
+    try:
+        return time.time() - tf.io.gfile.stat(path).mtime_nsec / 1e9 > STALE_AFTER_S
+    except tf.errors.OpError:
+        return False
+
+
+def remove_stale(folder: str, prefix: str) -> list[str]:
+    """Remove the stale temporaries named ``prefix*`` directly under ``folder``; return their paths."""
+    import tensorflow as tf
+
+    try:
+        names = tf.io.gfile.listdir(folder)
+    except tf.errors.OpError:
+        return []
+    removed = []
+    for name in sorted(names):
+        path = os.path.join(folder, name.rstrip("/"))
+        if not name.startswith(prefix) or not is_stale(path):
+            continue
+        try:
+            if tf.io.gfile.isdir(path):
+                tf.io.gfile.rmtree(path)
+            else:
+                tf.io.gfile.remove(path)
+        except tf.errors.OpError as error:
+            log.warning("could not remove %s, left by a killed run: %s", path, str(error).splitlines()[0])
+            continue
+        log.info("removed %s, left by a killed run", path)
+        removed.append(path)
+    return removed
