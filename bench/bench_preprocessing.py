@@ -53,11 +53,11 @@ def _make_one(args) -> None:
     image.save(path, format="JPEG", quality=90)
 
 
-def generated_set(root: Path, count: int) -> Path:
-    """``count`` photo-sized generated JPEGs in 4 class folders (cached between runs)."""
+def image_set(folder: Path, count: int, make, *extra, digits: int = 6, chunksize: int = 64) -> Path:
+    """``count`` generated JPEGs in 4 class folders under ``folder``, drawn by ``make((path, cls, index,
+    *extra))`` in a Pool; cached between runs (a ``.complete`` marker)."""
     from preprocessing.sample_data import CLASSES
 
-    folder = root / f"generated-{count}"
     done = folder / ".complete"
     if done.exists():
         return folder
@@ -65,11 +65,16 @@ def generated_set(root: Path, count: int) -> Path:
     for index in range(count):
         cls = CLASSES[index % len(CLASSES)]
         (folder / cls).mkdir(parents=True, exist_ok=True)
-        jobs.append((str(folder / cls / f"{index:06d}.jpg"), cls, index))
+        jobs.append((str(folder / cls / f"{index:0{digits}d}.jpg"), cls, index, *extra))
     with multiprocessing.Pool() as pool:
-        pool.map(_make_one, jobs, chunksize=64)
+        pool.map(make, jobs, chunksize=chunksize)
     done.write_text("")
     return folder
+
+
+def generated_set(root: Path, count: int) -> Path:
+    """``count`` photo-sized generated JPEGs in 4 class folders (cached between runs)."""
+    return image_set(root / f"generated-{count}", count, _make_one)
 
 
 def list_images(root: Path) -> list[str]:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import random
 import re
@@ -48,7 +47,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.bench_preprocessing import REPO, list_images, machine, measure  # measure samples the tree with _tree_rss
+from bench.bench_preprocessing import REPO, image_set, list_images, machine, measure  # measure samples the tree with _tree_rss
 
 TARGET_KB = 1.0          # KB of peak RSS per extra image (issue 16)
 EXTRAPOLATE_TO = 10_000_000
@@ -77,21 +76,8 @@ def _make_small(args) -> None:
 
 def small_set(root: Path, count: int, side: int = 32) -> Path:
     """``count`` generated ``side``x``side`` JPEGs in 4 class folders, made by a Pool (cached between runs)."""
-    from preprocessing.sample_data import CLASSES
-
     folder = root / f"images-{count}" if side == 32 else root / f"images-{count}-{side}px"
-    done = folder / ".complete"
-    if done.exists():
-        return folder
-    jobs = []
-    for index in range(count):
-        cls = CLASSES[index % len(CLASSES)]
-        (folder / cls).mkdir(parents=True, exist_ok=True)
-        jobs.append((str(folder / cls / f"{index:07d}.jpg"), cls, index, side))
-    with multiprocessing.Pool() as pool:
-        pool.map(_make_small, jobs, chunksize=256)
-    done.write_text("")
-    return folder
+    return image_set(folder, count, _make_small, side, digits=7, chunksize=256)
 
 
 # ---------------------------------------------------------------- per-process sampling
