@@ -35,16 +35,18 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _beat(marker: str, stop: threading.Event) -> None:
+def _write(marker: str, count: int) -> None:
     import tensorflow as tf
 
-    count = 0
-    while True:
-        with tf.io.gfile.GFile(marker, "w") as handle:
-            handle.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "beat": count}))
+    with tf.io.gfile.GFile(marker, "w") as handle:
+        handle.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "beat": count}))
+
+
+def _beat(marker: str, stop: threading.Event) -> None:
+    count = 1
+    while not stop.wait(HEARTBEAT_S):
+        _write(marker, count)
         count += 1
-        if stop.wait(HEARTBEAT_S):
-            return
 
 
 def build_once(cache, role: str, *, patience_s: float = 120.0, poll_s: float = 1.0, stale_s: float = STALE_S) -> None:
@@ -54,6 +56,7 @@ def build_once(cache, role: str, *, patience_s: float = 120.0, poll_s: float = 1
     marker = f"{cache.path}.building"
     if role != "worker":
         tf.io.gfile.makedirs(os.path.dirname(marker) or ".")
+        _write(marker, 0)  # before the build starts, so a worker sees it from the first moment
         stop = threading.Event()
         beating = threading.Thread(target=_beat, args=(marker, stop), daemon=True)
         beating.start()
