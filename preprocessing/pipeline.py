@@ -424,6 +424,8 @@ class ConvertShard(_Step):
             sha256=digest.hex(),
         )
         self.tally.count("written", split, label)
+        if split == "train":
+            self.tally.carve(label, digest.hex())
         self.tally.size(converted.source_width, converted.source_height)
         self.sizes = stats.SizeSummary().add_input(self.sizes, (converted.source_width, converted.source_height))
         self.progress.add()

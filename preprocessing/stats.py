@@ -23,11 +23,12 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 
-from preprocessing.tfrecords import SPLITS
+from preprocessing.tfrecords import CARVE_BINS, CARVE_BUCKETS, CARVE_METHOD, SPLITS, carve_bucket
 
 NAMESPACE = "preprocessing"
 NO_CLASS = "(none)"  # an input rejected before its class was known (e.g. a manifest row with a blank label)
 OUTCOMES = ("found", "written", "rejected", "duplicates")
+CARVE = "carve"
 LONG_SIDE_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 COUNTS_FILE = "_counts.json"  # written by the pipeline into the staging folder, folded into stats.json
 
@@ -52,6 +53,10 @@ class Tally:
         """One outcome for one (split, class)."""
         self.add(f"{outcome}:{split}:{label}", value)
 
+    def carve(self, label: str, sha256_hex: str) -> None:
+        """A written train record's carve bin (stats.json ``carve_histogram``; not a Beam counter)."""
+        self.values[f"{CARVE}:{label}:{carve_bucket(sha256_hex) * CARVE_BINS // CARVE_BUCKETS}"] += 1
+
     def stage(self, stage: str) -> None:
         """One more input rejected at ``stage``."""
         self.add(f"stage:{stage}")
@@ -65,7 +70,8 @@ class Tally:
     def counts(self) -> dict[str, int]:
         """The bundle's counts (call once, as the bundle ends: it also increments the Beam counters)."""
         for name, value in self.values.items():
-            Metrics.counter(NAMESPACE, name).inc(value)
+            if not name.startswith(CARVE):  # up to 100 per class: too many for a runner's metrics
+                Metrics.counter(NAMESPACE, name).inc(value)
         return dict(self.values)
 
 
@@ -243,6 +249,7 @@ def build_stats(counters: dict, distributions: dict) -> dict:
     table: dict = defaultdict(lambda: defaultdict(lambda: dict.fromkeys(OUTCOMES, 0)))
     by_stage: dict[str, int] = {}
     long_side: dict[str, int] = {}
+    carve: dict[str, list[int]] = {}
     for name, value in counters.items():
         kind, _, rest = name.partition(":")
         if kind in OUTCOMES:
@@ -252,6 +259,9 @@ def build_stats(counters: dict, distributions: dict) -> dict:
             by_stage[rest] = int(value)
         elif kind == "long_side":
             long_side[rest] = int(value)
+        elif kind == CARVE:
+            label, _, carve_bin = rest.rpartition(":")
+            carve.setdefault(label, [0] * CARVE_BINS)[int(carve_bin)] += int(value)
     splits = [split for split in SPLITS] + sorted(set(table) - set(SPLITS))
     per_split = {split: dict.fromkeys(OUTCOMES, 0) for split in splits}
     per_class: dict = defaultdict(lambda: dict.fromkeys(OUTCOMES, 0))
@@ -276,6 +286,9 @@ def build_stats(counters: dict, distributions: dict) -> dict:
             **{name.replace("source_", ""): _distribution(value) for name, value in sorted(distributions.items())},
         },
     })
+    if carve:
+        stats["carve_histogram"] = {"method": CARVE_METHOD, "buckets": CARVE_BUCKETS, "bins": CARVE_BINS,
+                                    "train": {label: carve[label] for label in sorted(carve)}}
     return stats
 
 

@@ -46,6 +46,40 @@ STATS_FILE = "stats.json"
 ERRORS_FILE = "errors.jsonl"
 SHARD_SUFFIX = ".tfrecord"
 
+# Carving a validation split from train (the trainer, when DATA has none): a record goes to
+# validation when its bucket is below ``fraction * CARVE_BUCKETS``. stats.json's
+# ``carve_histogram`` counts train records per class in CARVE_BINS bins of whole percents,
+# so the trainer knows the carved counts without reading a record.
+CARVE_BUCKETS = 1000
+CARVE_BINS = 100
+CARVE_METHOD = "sha256-prefix-mod-1000"
+
+
+def carve_bucket(sha256_hex: str) -> int:
+    """A record's carve bucket: the first 32 bits of its sha256, modulo :data:`CARVE_BUCKETS`.
+
+    The sha256 is uniform already, so no further hashing is needed, and this
+    needs no TensorFlow (Beam workers). :func:`carve_bucket_tensor` is its
+    in-graph twin; they agree for every record with a sha256.
+    """
+    return int(sha256_hex[:8], 16) % CARVE_BUCKETS
+
+
+def carve_threshold(fraction: float) -> int:
+    """Records with a carve bucket below this go to the carved validation split."""
+    return round(fraction * CARVE_BUCKETS)
+
+
+def carve_bucket_tensor(sha256_hex: "tf.Tensor", source_id: "tf.Tensor") -> "tf.Tensor":
+    """:func:`carve_bucket` in TensorFlow, elementwise; records without a sha256 hash their source id."""
+    import tensorflow as tf
+
+    codes = tf.cast(tf.io.decode_raw(tf.strings.substr(sha256_hex, 0, 8), tf.uint8, fixed_length=8), tf.int64)
+    digits = tf.where(codes >= 97, codes - 87, tf.where(codes >= 65, codes - 55, codes - 48))
+    value = tf.reduce_sum(digits * tf.constant([16 ** k for k in range(7, -1, -1)], tf.int64), axis=-1)
+    fallback = tf.strings.to_hash_bucket_fast(source_id, CARVE_BUCKETS)
+    return tf.where(tf.strings.length(sha256_hex) >= 8, value % CARVE_BUCKETS, fallback)
+
 
 def shard_pattern(split: str) -> str:
     """Glob of a split's shards: ``{split}-NNNNN-of-NNNNN.tfrecord``."""

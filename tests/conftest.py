@@ -71,6 +71,7 @@ def write_tfrecord_data(root: pathlib.Path, *, per_class: int = 16, size: int = 
     writers = {split: [tf.io.TFRecordWriter(str(root / name)) for name in names[split]] for split in tfrecords.SPLITS}
     counts = {split: 0 for split in tfrecords.SPLITS}
     by_split = {split: {name: {"written": 0} for name in sorted(classes)} for split in tfrecords.SPLITS}
+    carve = {name: [0] * tfrecords.CARVE_BINS for name in labels}
     for label_id, name in enumerate(labels):
         for i in range(per_class):
             split = "train" if i < per_class * 0.6 else ("validation" if i < per_class * 0.8 else "test")
@@ -82,6 +83,9 @@ def write_tfrecord_data(root: pathlib.Path, *, per_class: int = 16, size: int = 
                 source_id=f"{split}/{name}/{i}.jpg", sha256=hashlib.sha256(data).hexdigest()))
             counts[split] += 1
             by_split[split][name]["written"] += 1
+            if split == "train":
+                bucket = tfrecords.carve_bucket(hashlib.sha256(data).hexdigest())
+                carve[name][bucket * tfrecords.CARVE_BINS // tfrecords.CARVE_BUCKETS] += 1
     for split_writers in writers.values():
         for writer in split_writers:
             writer.close()
@@ -90,6 +94,8 @@ def write_tfrecord_data(root: pathlib.Path, *, per_class: int = 16, size: int = 
         "options": {"image_size": [size, size], "resize_mode": "stretch", "image_format": "jpeg"},
         "written": counts, "by_split_and_class": by_split, "labels": labels,
         "shards": {split: {name: (root / name).stat().st_size for name in names[split]} for split in tfrecords.SPLITS},
+        "carve_histogram": {"method": tfrecords.CARVE_METHOD, "buckets": tfrecords.CARVE_BUCKETS,
+                            "bins": tfrecords.CARVE_BINS, "train": carve},
     }))
     (root / tfrecords.ERRORS_FILE).write_text("")
     return root

@@ -69,3 +69,22 @@ def test_adding_files_and_rerunning_never_moves_an_image_between_splits(tmp_path
     assert len(first) == 30 and len(second) == 60
     assert {path: second[path] for path in first} == first
     assert set(second.values()) == {"train", "validation", "test"}
+
+
+def test_the_job_records_the_carve_histogram_the_trainer_carves_by(tmp_path, caplog):
+    """No validation split written: the trainer's carved counts come from stats.json and match the records."""
+    from trainer.data import info as data_info
+    from trainer.data import records
+
+    _images(tmp_path / "images", 0, 80)
+    out = tmp_path / "data"
+    run(PreprocessConfig(input=str(tmp_path / "images"), output=str(out), image_size=(8, 8), split=(0.8, 0.0, 0.2),
+                         progress_seconds=0), IN_PROCESS)
+    with caplog.at_level("INFO", logger="trainer.data"):
+        info = data_info.inspect_data(str(out), validation_fraction=0.3)
+    assert info.carved_validation
+    assert not [r for r in caplog.records if "counting" in r.getMessage()]
+    for split in ("train", "validation"):
+        labels = records.encoded_examples(info, split)[1]
+        assert [list(labels).count(i) for i in range(2)] == info.counts[split]
+    assert info.size("train") + info.size("validation") == len(readback.read_records(str(out), "train"))

@@ -118,3 +118,17 @@ def test_grayscale_png_decodes_to_three_channels():
 def test_unknown_resize_mode_is_refused():
     with pytest.raises(ValueError, match="resize mode"):
         tfrecords.resize_image(tf.zeros([4, 4, 3], tf.uint8), (2, 2), "squash")
+
+
+def test_the_carve_bucket_is_the_same_in_python_and_in_the_graph():
+    """The job's carve histogram (Python, no TensorFlow) and the trainer's per-record carve (graph) agree."""
+    import hashlib
+
+    import tensorflow as tf
+
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(500)]
+    graph = tfrecords.carve_bucket_tensor(tf.constant(shas), tf.constant(["x"] * len(shas))).numpy()
+    assert list(graph) == [tfrecords.carve_bucket(sha) for sha in shas]
+    assert 0.15 < sum(b < tfrecords.carve_threshold(0.2) for b in graph) / len(shas) < 0.25
+    no_sha = tfrecords.carve_bucket_tensor(tf.constant(["", ""]), tf.constant(["a.jpg", "b.jpg"])).numpy()
+    assert all(0 <= b < tfrecords.CARVE_BUCKETS for b in no_sha)

@@ -46,6 +46,41 @@ def test_without_a_validation_split_one_is_carved_from_train(no_validation):
     assert len(train) + len(validation) == 3 * 12  # the first 60% of 20 per class were written to train
 
 
+def test_the_carved_counts_come_from_stats_json_without_reading_a_record(no_validation, caplog):
+    with caplog.at_level(logging.INFO, logger="trainer.data"):
+        info = data_info.inspect_data(str(no_validation), validation_fraction=0.25)
+    assert not [r for r in caplog.records if "counting" in r.getMessage()]
+    counted = data_info._count_split(str(no_validation), "train", info.shards["train"], info.labels, True, 0.25)
+    assert counted == {"train": info.counts["train"], "validation": info.counts["validation"]}
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda stats: stats.pop("carve_histogram"), "no carve histogram"),
+    (lambda stats: stats["carve_histogram"]["train"]["circle"].__setitem__(0, 99), "does not add up"),
+])
+def test_a_folder_without_a_usable_carve_histogram_is_counted_and_says_why(no_validation, tmp_path, caplog, change,
+                                                                          reason):
+    import json
+    import shutil
+
+    folder = tmp_path / "data"
+    shutil.copytree(no_validation, folder)
+    stats = json.loads((folder / "stats.json").read_text())
+    change(stats)
+    (folder / "stats.json").write_text(json.dumps(stats))
+    with caplog.at_level(logging.INFO, logger="trainer.data"):
+        info = data_info.inspect_data(str(folder), validation_fraction=0.25)
+    assert any("counting the train records" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
+    assert info.counts == data_info.inspect_data(str(no_validation), validation_fraction=0.25).counts
+
+
+def test_a_fraction_finer_than_the_histogram_is_counted(no_validation, caplog):
+    with caplog.at_level(logging.INFO, logger="trainer.data"):
+        info = data_info.inspect_data(str(no_validation), validation_fraction=0.255)
+    assert any("not a multiple of 1/100" in r.getMessage() for r in caplog.records)
+    assert len(records.encoded_examples(info, "validation")[0]) == info.size("validation")
+
+
 def test_the_carved_split_is_the_same_on_every_run(no_validation):
     first = records.encoded_examples(data_info.inspect_data(str(no_validation)), "validation")[0]
     second = records.encoded_examples(data_info.inspect_data(str(no_validation)), "validation")[0]

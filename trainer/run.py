@@ -232,7 +232,8 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
     plan = _plan(config)
     identity = search_identity.search_identity(config, plan.space, plan.image_size,
                                       _weights_id(config.weights, plan.weights_path),
-                                      mixed_precision=distribute.uses_mixed_precision(config.mixed_precision))
+                                      mixed_precision=distribute.uses_mixed_precision(config.mixed_precision),
+                                      carve=plan.info.carved_validation)
     mode = search_identity.prepare_project(config, identity) if role != "worker" else "worker"
     if placement is None:
         placement = distribute.configure(config.strategy, config.mixed_precision)

@@ -31,6 +31,7 @@ import os
 import time
 import uuid
 
+from preprocessing import tfrecords
 from trainer.data.info import DataInfo
 
 from trainer.data.records import batch_for_replicas, image_dataset
@@ -73,7 +74,7 @@ def cache_key(backbone: Backbone, weights_path: str | None, image_size, info: Da
         "resize_mode": info.resize_mode,
         "data": os.path.abspath(info.data_dir) if "://" not in info.data_dir else info.data_dir,
         "shards": shards,
-        "carved": info.carved_validation,
+        "carved": info.carved_validation and tfrecords.CARVE_METHOD,
         "validation_fraction": info.validation_fraction,
     }
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]

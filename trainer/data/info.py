@@ -4,8 +4,9 @@
 :class:`DataInfo`. Counts come from ``stats.json`` (written by preprocessing),
 checked against the shards' names and sizes without reading a record; a
 folder without one is counted by reading its labels (and says so). When the
-data has no validation split, one is carved from train by hashing each
-record's sha256: deterministic, and stable when images are added.
+data has no validation split, one is carved from train by each record's
+sha256 (:func:`preprocessing.tfrecords.carve_bucket`): deterministic, stable
+when images are added, and counted from ``stats.json``'s carve histogram.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from trainer.config import UserError
 
 log = logging.getLogger("trainer.data")
 
-_BUCKETS = 1000
 
 @dataclass(frozen=True)
 class DataInfo:
@@ -72,15 +72,22 @@ def inspect_data(data_dir: str, validation_fraction: float = 0.2) -> DataInfo:
     if resize_mode not in tfrecords.RESIZE_MODES:
         raise UserError(f"--data {data_dir}: stats.json resize_mode {resize_mode!r} is not one of "
                         f"{', '.join(tfrecords.RESIZE_MODES)}")
-    carve = not shards["validation"]
     counts = _counts_from_stats(data_dir, labels, shards)
-    if counts is None or carve:
-        counts = counts or {}
-        for split in tfrecords.SPLITS:
-            if shards[split] and (split not in counts or (carve and split == "train")):
-                log.info("counting the %s records of %s (%s)", split, data_dir,
-                         "carving a validation split" if carve and split == "train" else "no usable stats.json")
-                counts.update(_count_split(data_dir, split, shards[split], labels, carve, validation_fraction))
+    why_count = "no usable stats.json"
+    if counts is None:
+        counts = {}
+        for split in ("validation", "test"):
+            if shards[split]:
+                log.info("counting the %s records of %s (%s)", split, data_dir, why_count)
+                counts.update(_count_split(data_dir, split, shards[split], labels, False, validation_fraction))
+    carve = not sum(counts.get("validation", []))  # no validation shard, or only empty ones (--split 80,0,20)
+    if carve and "train" in counts:
+        carved, why_count = _carved_counts(data_dir, labels, counts["train"], validation_fraction)
+        counts.update(carved or {"validation": None})
+    if "train" not in counts or counts.get("validation") is None:
+        log.info("counting the train records of %s (%s)", data_dir,
+                 f"carving a validation split: {why_count}" if carve else why_count)
+        counts.update(_count_split(data_dir, "train", shards["train"], labels, carve, validation_fraction))
     if not sum(counts.get("train", [])):
         raise UserError(f"--data {data_dir}: the train split has no records")
     present = sum(1 for n in counts["train"] if n)
@@ -145,6 +152,32 @@ def _counts_from_stats(data_dir: str, labels: list[str], shards: dict[str, list[
                                 "(truncated or rewritten); re-run preprocessing")
     return {split: n for split, n in counts.items() if shards[split]}
 
+def _carved_counts(data_dir: str, labels: list[str], train: list[int],
+                   fraction: float) -> tuple[dict | None, str]:
+    """(train, validation) counts of a carve from ``stats.json``'s ``carve_histogram``, or (None, why not).
+
+    The histogram counts train records per class in bins of whole percents of
+    the carve bucket, so any whole-percent ``--validation-fraction`` is exact;
+    the records are carved per record as they stream (:mod:`trainer.data.records`).
+    """
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(os.path.join(data_dir, tfrecords.STATS_FILE)) as handle:
+        histogram = json.load(handle).get("carve_histogram")
+    if not isinstance(histogram, dict) or histogram.get("method") != tfrecords.CARVE_METHOD:
+        return None, "stats.json has no carve histogram (an older preprocessing wrote it)"
+    bins = int(histogram.get("bins", 0))
+    threshold = tfrecords.carve_threshold(fraction)
+    width = tfrecords.CARVE_BUCKETS // bins if bins else 0
+    if not width or threshold % width:
+        return None, f"--validation-fraction {fraction:g} is not a multiple of 1/{bins}"
+    per_class = histogram.get("train") or {}
+    validation = [sum((per_class.get(name) or [0] * bins)[:threshold // width]) for name in labels]
+    if [sum(per_class.get(name) or []) for name in labels] != train:
+        return None, "stats.json's carve histogram does not add up to its train counts"
+    return {"train": [n - v for n, v in zip(train, validation)], "validation": validation}, ""
+
+
 def corrupt_shards(files: list[str]) -> list[tuple[str, str]]:
     """``(shard, reason)`` for each file that does not read to its end as TFRecords (one pass per shard)."""
     import tensorflow as tf
@@ -198,10 +231,7 @@ def read_options(data_dir: str) -> dict:
         raise UserError(f"--data {data_dir}: stats.json is not valid JSON ({error})") from None
 
 def _validation_bucket(sha, source_id):
-    import tensorflow as tf
-
-    key = tf.where(tf.strings.length(sha) > 0, sha, source_id)
-    return tf.strings.to_hash_bucket_fast(key, _BUCKETS)
+    return tfrecords.carve_bucket_tensor(sha, source_id)
 
 def _count_split(data_dir, split, files, labels, carve, fraction) -> dict[str, list[int]]:
     """Per-class counts of one split (and the carved validation), checking labels against labels.txt."""
@@ -215,6 +245,7 @@ def _count_split(data_dir, split, files, labels, carve, fraction) -> dict[str, l
     if split == "train" and carve:
         counts["validation"] = [0] * len(labels)
     seen_text = {}
+    threshold = tfrecords.carve_threshold(fraction)
     try:
         for batch in dataset.as_numpy_iterator():
             buckets = _validation_bucket(batch[tfrecords.SHA256], batch[tfrecords.SOURCE_ID]).numpy()
@@ -225,7 +256,7 @@ def _count_split(data_dir, split, files, labels, carve, fraction) -> dict[str, l
                                     f"{tfrecords.LABELS_FILE} lists {len(labels)} classes")
                 if text:
                     seen_text.setdefault(label, text.decode("utf-8", "replace"))
-                target = "validation" if carve and split == "train" and bucket < fraction * _BUCKETS else split
+                target = "validation" if carve and split == "train" and bucket < threshold else split
                 counts[target][label] += 1
     except tf.errors.DataLossError:
         raise corrupt_data_error(data_dir, {split: files}) from None

@@ -17,7 +17,7 @@ import os
 
 from preprocessing import tfrecords
 from trainer.config import UserError
-from trainer.data.info import _BUCKETS, DataInfo, _validation_bucket
+from trainer.data.info import DataInfo, _validation_bucket
 
 log = logging.getLogger("trainer.data.records")
 
@@ -57,7 +57,7 @@ def _records(info: DataInfo, split: str, *, shuffle: bool, seed: int, ordered: b
                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     dataset = dataset.map(tfrecords.parse_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     if info.carved_validation and source == "train":
-        threshold = int(info.validation_fraction * _BUCKETS)
+        threshold = tfrecords.carve_threshold(info.validation_fraction)
         keep_validation = split == "validation"
 
         def _in_split(example):

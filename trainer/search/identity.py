@@ -22,7 +22,7 @@ SEARCH_FILE = "search.json"
 
 # Settings that change what a trial measures; every other flag may change on resume (docs/trainer.md).
 def search_identity(config: TrainConfig, space: dict, image_size, weights_id: str, *,
-                    mixed_precision: bool = False) -> dict:
+                    mixed_precision: bool = False, carve: bool = False) -> dict:
     """The settings that define a search: a resume must match all of them.
 
     Everything that changes a trial's score is here, the data folder's digest
@@ -50,6 +50,10 @@ def search_identity(config: TrainConfig, space: dict, image_size, weights_id: st
         "validation_fraction": config.validation_fraction,
         "early_stopping_patience": config.early_stopping_patience,
     }
+    if carve:
+        from preprocessing.tfrecords import CARVE_METHOD
+
+        identity["validation_carve"] = CARVE_METHOD  # absent with a validation split; changed in December 2026
     if config.finetune_cache:
         identity["finetune_cache"] = config.finetune_cache  # absent when off, so older searches still resume
     return identity
