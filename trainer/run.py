@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from trainer import distribute, finish
+from trainer import distribute, finish, staging
 from trainer.config import TrainConfig, UserError
 
 log = logging.getLogger("trainer")
@@ -41,8 +41,7 @@ def _write_json(path: str, value) -> None:
     import tensorflow as tf
 
     tf.io.gfile.makedirs(os.path.dirname(path))
-    with tf.io.gfile.GFile(path, "w") as handle:
-        json.dump(value, handle, indent=2, sort_keys=True, default=str)
+    staging.write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str))
 
 def _weights_id(weights: str, weights_path: str | None) -> str:
     if weights.lower() in ("imagenet", "none"):
@@ -85,7 +84,7 @@ def _remove_if_empty(job_dir: str) -> None:
         pass
 
 def _named_data_loss(config: TrainConfig, body):
-    """Run ``body``; a shard that stops reading mid-run becomes one line naming the shard and its split."""
+    """Run ``body``; a shard that stops reading mid-run, or a full disk, becomes one line naming the shard or path."""
     import tensorflow as tf
 
     from trainer.data import info as data_info
@@ -100,6 +99,12 @@ def _named_data_loss(config: TrainConfig, body):
 
         shards = {split: tfrecords.list_shards(config.data_dir, split) for split in tfrecords.SPLITS}
         raise data_info.corrupt_data_error(config.data_dir, shards) from None
+    except (OSError, RuntimeError, ValueError, tf.errors.OpError) as error:
+        full = staging.disk_full(error)
+        if not full:
+            raise
+        raise UserError(f"{full[0] or config.job_dir}: {full[1]} (the disk is full or a file size limit was reached); "
+                        "nothing half-written was published: free space and re-run the same command") from None
 
 def _check_same_search(tuner, placement, config: TrainConfig) -> None:
     """Every worker of a multi-worker strategy must run the same trials: refuse when their tuner states differ."""

@@ -85,3 +85,64 @@ def remove_stale(folder: str, prefix: str) -> list[str]:
         log.info("removed %s, left by a killed run", path)
         removed.append(path)
     return removed
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a small file (JSON, CSV) so that a reader sees the old content or the new, never part of one.
+
+    Local paths: a hidden ``.<name>.tmp-<owner>`` sibling, flushed and fsynced,
+    then :func:`os.replace`. Object stores (``gs://``, ``s3://``) publish an
+    object whole when its upload ends, so they are written in place. A failed
+    write (a full disk, a file size limit) removes its temporary and leaves
+    the old file as it was.
+    """
+    if "://" in path:
+        import tensorflow as tf
+
+        with tf.io.gfile.GFile(path, "w") as handle:
+            handle.write(text)
+        return
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, f".{name}.tmp-{owner()}")
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.remove(temp)
+        except OSError:
+            pass
+        raise
+
+
+_DISK_FULL = re.compile(r"No space left on device|File too large|Disk quota exceeded|errno = (?:28|27|122)\b")
+_PATH_IN_MESSAGE = re.compile(r"(?:[a-z][a-z0-9+.-]*://|/)[^\s'\",;:]+")
+
+
+def disk_full(error: BaseException) -> tuple[str, str] | None:
+    """``(path, reason)`` when ``error`` is a write refused for lack of space, or None.
+
+    ENOSPC (a full disk), EFBIG (a file size limit, ``RLIMIT_FSIZE``) and
+    EDQUOT (a quota) reach us as ``OSError`` from Python, as TensorFlow
+    ``OpError`` messages, or from h5py with the errno in the text; the path is
+    the error's own, else the first path its message names (else "").
+    """
+    import errno
+
+    for cause in (error, error.__cause__, error.__context__):
+        if cause is None:
+            continue
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return str(cause.filename or ""), os.strerror(cause.errno)
+        text = str(getattr(cause, "message", None) or cause)
+        found = _DISK_FULL.search(text)
+        if found:
+            path = _PATH_IN_MESSAGE.search(re.sub(r"\{\{.*?\}\}", " ", text))  # not TF's "/job:localhost" node names
+            reason = {"28": "No space left on device", "27": "File too large", "122": "Disk quota exceeded"}.get(
+                found.group(0)[-3:].strip(" ="), found.group(0))
+            return (path.group(0) if path else ""), reason
+    return None

@@ -85,3 +85,35 @@ def is_save_best_epoch(callback) -> bool:
     from keras_tuner.src.engine.tuner_utils import SaveBestEpoch
 
     return isinstance(callback, SaveBestEpoch)
+
+
+def write_state_atomically() -> bool:
+    """Make Keras Tuner write ``oracle.json``, each ``trial.json`` and its own state by write-then-rename.
+
+    Keras Tuner writes them in place (``keras_tuner.src.utils.save_json``
+    opens the file for writing and writes), so a search killed mid-write, or a
+    full disk, leaves a truncated ``oracle.json`` that the resume cannot parse.
+    No public option changes how it writes; every state file goes through that
+    one private function, looked up at call time, so it is replaced here by one
+    that writes through :func:`trainer.staging.write_text`. Fallback on any
+    other version: Keras Tuner's own in-place writes (returns False).
+    """
+    if not reviewed():
+        return False
+    import json
+
+    from keras_tuner.src import utils
+
+    from trainer import staging
+
+    if getattr(utils.save_json, "writes_atomically", False):
+        return True
+
+    def save_json(path, obj):
+        text = json.dumps(obj)
+        staging.write_text(path, text)
+        return text
+
+    save_json.writes_atomically = True
+    utils.save_json = save_json
+    return True

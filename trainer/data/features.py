@@ -212,15 +212,18 @@ def save_dataset(dataset, path: str, summary) -> None:
     remove_stale(os.path.dirname(path), f"{os.path.basename(path)}.tmp-")
     tmp = f"{path}.tmp-{owner()}-{uuid.uuid4().hex}"
     try:
-        dataset.save(tmp)
-    except tf.errors.UnknownError as error:
-        if "DataLossError" not in (error.message or ""):
-            raise
+        try:
+            dataset.save(tmp)
+        except tf.errors.UnknownError as error:
+            if "DataLossError" not in (error.message or ""):
+                raise
+            raise tf.errors.DataLossError(None, None, error.message) from None
+        with tf.io.gfile.GFile(os.path.join(tmp, DONE), "w") as handle:
+            handle.write(json.dumps(summary()))
+    except BaseException:  # a full disk, a bad shard, an interrupt: never leave a half-written cache behind
         if tf.io.gfile.exists(tmp):
             tf.io.gfile.rmtree(tmp)
-        raise tf.errors.DataLossError(None, None, error.message) from None
-    with tf.io.gfile.GFile(os.path.join(tmp, DONE), "w") as handle:
-        handle.write(json.dumps(summary()))
+        raise
     _publish(tmp, path)
 
 

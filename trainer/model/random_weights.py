@@ -45,6 +45,11 @@ def materialize_random_weights(backbone: Backbone, image_size, cache_root: str, 
             for layer, momentum in zip(norms, momenta):
                 layer.momentum = momentum
         tmp = f"{path}.{uuid.uuid4().hex}.weights.h5"
-        model.save_weights(tmp)
-        tf.io.gfile.rename(tmp, path, overwrite=True)
+        try:
+            model.save_weights(tmp)
+            tf.io.gfile.rename(tmp, path, overwrite=True)
+        except BaseException:
+            if tf.io.gfile.exists(tmp):
+                tf.io.gfile.remove(tmp)
+            raise
     return path

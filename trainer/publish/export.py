@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from preprocessing.config import DEFAULT_MAX_PIXELS
-from trainer.staging import owner, remove_stale
+from trainer.staging import disk_full, owner, remove_stale
 
 SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "image_bytes"
@@ -322,6 +322,10 @@ def export_model(
     except Exception as exc:  # noqa: BLE001 - a failed save must not leave a partial folder either
         _remove(tmp_dir)
         _remove(staging)
+        full = disk_full(exc)
+        if full:
+            raise ExportError(f"{full[0] or tmp_dir}: {full[1]} (the disk is full or a file size limit was "
+                              "reached); nothing was published: free space and re-run the same command") from None
         raise ExportError(f"export failed: {type(exc).__name__}: {exc}") from exc
     return ExportResult(version=version, path=final_dir, max_abs_diff=max_abs_diff)
 

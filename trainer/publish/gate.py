@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from trainer import staging
+
 log = logging.getLogger(__name__)
 
 SCORE_BATCH = 64
@@ -93,8 +95,7 @@ def _write(decision: GateDecision, out_path: str, extra: dict) -> None:
     parent = os.path.dirname(out_path)
     if parent:
         tf.io.gfile.makedirs(parent)
-    with tf.io.gfile.GFile(out_path, "w") as handle:
-        handle.write(json.dumps({**decision.to_dict(), **extra}, indent=2) + "\n")
+    staging.write_text(out_path, json.dumps({**decision.to_dict(), **extra}, indent=2) + "\n")
 
 
 def decide(new_score: float, export_base: str, test_images, test_labels: Sequence[int] | None, *,

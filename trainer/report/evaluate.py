@@ -29,6 +29,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from trainer import staging
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
@@ -209,8 +211,7 @@ def write_metrics(metrics: Mapping[str, Any], out_dir: str) -> str:
 
     tf.io.gfile.makedirs(out_dir)
     path = os.path.join(out_dir, METRICS_FILE)
-    with tf.io.gfile.GFile(path, "w") as handle:
-        handle.write(json.dumps(metrics, indent=2) + "\n")
+    staging.write_text(path, json.dumps(metrics, indent=2) + "\n")
     return path
 
 

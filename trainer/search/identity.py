@@ -13,6 +13,7 @@ import json
 import logging
 import os
 
+from trainer import staging
 from trainer.config import TrainConfig, UserError
 from trainer.search.tuner import OBJECTIVE
 
@@ -133,5 +134,4 @@ def record_identity(config: TrainConfig, identity: dict) -> None:
     import tensorflow as tf
 
     tf.io.gfile.makedirs(config.tuner_dir)
-    with tf.io.gfile.GFile(os.path.join(config.tuner_dir, SEARCH_FILE), "w") as handle:
-        json.dump(identity, handle, indent=2, sort_keys=True)
+    staging.write_text(os.path.join(config.tuner_dir, SEARCH_FILE), json.dumps(identity, indent=2, sort_keys=True))

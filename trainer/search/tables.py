@@ -15,6 +15,7 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
+from trainer import staging
 from trainer.compat import keras_tuner as compat
 
 log = logging.getLogger(__name__)
@@ -157,8 +158,7 @@ def write_trials_table(oracle, tuner_dir: str, *, elapsed_s: Mapping[str, float]
     tf.io.gfile.makedirs(tuner_dir)
     csv_path = os.path.join(tuner_dir, TRIALS_CSV)
     json_path = os.path.join(tuner_dir, TRIALS_JSON)
-    with tf.io.gfile.GFile(csv_path, "w") as handle:
-        handle.write(buf.getvalue())
+    staging.write_text(csv_path, buf.getvalue())
     document = {
         "objective": getattr(oracle.objective, "name", str(oracle.objective)),
         "direction": getattr(oracle.objective, "direction", None),
@@ -166,8 +166,7 @@ def write_trials_table(oracle, tuner_dir: str, *, elapsed_s: Mapping[str, float]
         "statuses": {status: sum(r["status"] == status for r in rows) for status in sorted({r["status"] for r in rows})},
         "trials": rows,
     }
-    with tf.io.gfile.GFile(json_path, "w") as handle:
-        handle.write(json.dumps(document, indent=2, default=str) + "\n")
+    staging.write_text(json_path, json.dumps(document, indent=2, default=str) + "\n")
     best = rows[0] if rows and rows[0]["score"] is not None else None
     log.log(logging.INFO if announce else logging.DEBUG, "trials table: %d trials (%s), best %s -> %s", len(rows),
              ", ".join(f"{n} {s.lower()}" for s, n in document["statuses"].items()),

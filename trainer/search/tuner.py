@@ -156,6 +156,7 @@ def oracle_seed(seed: int) -> int:
 def create_tuner(hypermodel, config: TrainConfig, strategy=None):
     """The configured Keras Tuner (reloading ``JOB/tuner`` when it exists)."""
     base = _tuner_classes()[config.tuner]
+    compat.write_state_atomically()
     cls = type(f"{base.__name__}WithProgress", (_ProgressMixin, base), {})
     common = dict(objective=OBJECTIVE, seed=oracle_seed(config.seed), directory=config.job_dir, project_name="tuner",
                   overwrite=False, distribution_strategy=strategy,
