@@ -4,6 +4,12 @@ The staging folder is a sibling of the output (``DATA.staging-<run id>``) on
 the same filesystem, so the final move is a rename: locally one atomic
 ``os.replace`` of the folder; on object stores, a rename of each file. An
 existing, non-empty output is refused unless ``overwrite`` is set.
+
+Staging folders name their writer (:mod:`preprocessing.owners`), so a job
+that was killed leaves one a later run can recognise: the next run on the
+same output removes local ``DATA.staging-*`` and ``DATA.old-*`` folders whose
+writer is gone, and says so. (On object stores a leftover is never read, since
+only a committed output is, and is left for a bucket lifecycle rule.)
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
+from preprocessing import owners
 from preprocessing.errors import PreprocessingError
 
 _log = logging.getLogger("preprocessing")
@@ -42,7 +49,7 @@ class Staging:
         output = output.rstrip("/")
         self.output = os.path.abspath(output) if _is_local(output) else output
         self.overwrite = overwrite
-        self.path = f"{self.output}.staging-{uuid.uuid4().hex[:8]}"
+        self.path = f"{self.output}.staging-{owners.owner()}-{uuid.uuid4().hex[:8]}"
 
     def check(self) -> None:
         """Refuse an existing output (unless overwriting) before any work is done."""
@@ -55,8 +62,22 @@ class Staging:
 
     def create(self) -> str:
         if _is_local(self.path):
+            self._remove_leftovers()
             os.makedirs(self.path)
         return self.path
+
+    def _remove_leftovers(self) -> None:
+        parent, name = os.path.split(self.output)
+        try:
+            entries = list(os.scandir(parent))
+        except OSError:
+            return
+        for entry in entries:
+            if not (entry.name.startswith(f"{name}.staging-") or entry.name.startswith(f"{name}.old-")):
+                continue
+            if owners.left_behind(entry.name, lambda: entry.stat().st_mtime):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                _log.info("removed %s, left by a killed run", entry.path)
 
     def join(self, name: str) -> str:
         return FileSystems.join(self.path, name)
@@ -67,7 +88,7 @@ class Staging:
             old = None
             if os.path.exists(self.output):
                 if _exists_with_content(self.output):
-                    old = f"{self.output}.old-{uuid.uuid4().hex[:8]}"
+                    old = f"{self.output}.old-{owners.owner()}-{uuid.uuid4().hex[:8]}"
                     os.replace(self.output, old)
                 else:
                     os.rmdir(self.output)

@@ -9,6 +9,7 @@ tests for each of its claims.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -159,6 +160,39 @@ def test_only_temporaries_whose_writer_is_gone_are_removed(tmp_path):
             assert sorted(os.listdir(tmp_path)) == sorted(keep)
         finally:
             alive.kill()
+
+
+# -- preprocessing ---------------------------------------------------------------------------------
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.timeout(3 * RUN_TIMEOUT_S)
+def test_preprocessing_killed_mid_write_leaves_the_output_whole_and_the_rerun_removes_its_staging(tmp_path,
+                                                                                                  repo_root):
+    from preprocessing.sample_data import SampleSpec, generate
+
+    generate(str(tmp_path / "photos"), SampleSpec(per_class=30))
+    out = tmp_path / "data"
+    command = [sys.executable, "-m", "preprocessing", "--input", str(tmp_path / "photos"), "--output", str(out),
+               "--image-size", "32", "--progress-seconds", "0", "--overwrite"]
+    _run(command, repo_root)
+    before = _tree(out)
+
+    def shard_in_staging():
+        for folder in tmp_path.glob("data.staging-*"):
+            if any(".tfrecord" in p.name for p in folder.rglob("*")):
+                return folder
+        return None
+
+    killed = _kill_when(command, repo_root, tmp_path / "killed.log", shard_in_staging)
+    assert _tree(out) == before, "the published output must be untouched by a killed run"
+    assert killed.exists(), "the killed run's staging folder is what the next run must clean"
+
+    again = _run(command, repo_root)
+    assert f"removed {killed}, left by a killed run" in again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("data")) == ["data"]
+    assert json.loads((out / "stats.json").read_text())["accounted"]
 
 
 # -- tlp-release: the model config -----------------------------------------------------------------

@@ -18,47 +18,27 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
-import time
+
+from preprocessing import owners
 
 log = logging.getLogger("trainer.staging")
 
-STALE_AFTER_S = 24 * 3600.0
-_OWNER = re.compile(r"(?P<host>[A-Za-z0-9._]+)~(?P<pid>[0-9]+)")
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
-
-
-def owner() -> str:
-    """``<host>~<pid>`` of this process, for a temporary name."""
-    return f"{_host()}~{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists, as another user's process
-        return True
-    return True
+STALE_AFTER_S = owners.STALE_AFTER_S
+owner = owners.owner
+_host = owners.host
 
 
 def is_stale(path: str) -> bool:
     """Whether the temporary ``path`` was left by a writer that is gone (see the module docstring)."""
     import tensorflow as tf
 
-    match = _OWNER.search(os.path.basename(path.rstrip("/")))
-    if match is None:
-        return False
-    if match["host"] == _host() and (int(match["pid"]) == os.getpid() or not _alive(int(match["pid"]))):
-        return True
-    try:
-        return time.time() - tf.io.gfile.stat(path).mtime_nsec / 1e9 > STALE_AFTER_S
-    except tf.errors.OpError:
-        return False
+    def modified():
+        try:
+            return tf.io.gfile.stat(path).mtime_nsec / 1e9
+        except tf.errors.OpError:
+            return None
+
+    return owners.left_behind(os.path.basename(path.rstrip("/")), modified)
 
 
 def remove_stale(folder: str, prefix: str) -> list[str]:
