@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from serving_fixtures import float16_ops
@@ -158,3 +161,69 @@ def test_two_workers_train_one_model_and_only_the_chief_writes_the_job_folder(tm
     written = {p.relative_to(job).parts[0] for p in job.rglob("*")}
     assert written <= {"tuner", "tensorboard", "best_hyperparameters.json", "eval", "gate.json", "export", "cache",
                        "summary.json"}
+
+
+def _wait_for_line(path, pattern: str, process, timeout: float = 300.0) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(pattern, path.read_text()) if path.exists() else None
+        if found:
+            return found
+        if process.poll() is not None:
+            pytest.fail(f"{path.name} exited before {pattern!r}: {path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"no {pattern!r} in {path.name} within {timeout:.0f} s: {path.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_killed_worker_and_a_killed_chief_restarted_with_the_same_ids_finish_the_search(tfrecord_data, tmp_path,
+                                                                                           repo_root):
+    """docs/trainer.md, "Distributed tuning: when a process dies": Keras Tuner's own recovery, with our chief.
+
+    A worker killed mid-trial leaves its trial open in the oracle; restarted
+    with the same ``KERASTUNER_TUNER_ID`` it is handed that trial again. A
+    chief killed mid-search leaves the workers waiting on their calls;
+    restarted with the same command it reloads ``oracle.json`` and serves the
+    trial in flight (which may run a second time, as seen here: Keras Tuner
+    retries it when its result did not reach the chief whole), and the search
+    ends with each of its trials completed in the chief's table.
+    """
+    port = str(_free_port())
+    job = tmp_path / "job"
+    args = [sys.executable, "-m", "trainer", "--data", str(tfrecord_data), "--job-dir", str(job),
+            "--tuner", "random", "--max-trials", "3", "--search-space", json.dumps({"finetune_depth": 0}), *QUICK]
+    oracle = dict(KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=port)
+    processes = []
+
+    def start(name: str, tuner_id: str):
+        log = open(tmp_path / f"{name}.log", "w")
+        process = subprocess.Popen(args, cwd=repo_root, env=_env(KERASTUNER_TUNER_ID=tuner_id, **oracle),
+                                   stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        processes.append(process)
+        return process, tmp_path / f"{name}.log"
+
+    def kill(process):
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+
+    starting = r"trial (\d+) \(\d+ of \d+\) starting"
+    try:
+        chief, chief_log = start("chief-1", "chief")
+        worker, worker_log = start("worker-1", "tuner0")
+        first = _wait_for_line(worker_log, starting, worker).group(1)
+        kill(worker)
+        worker, worker_log = start("worker-2", "tuner0")
+        assert _wait_for_line(worker_log, starting, worker).group(1) == first, "the killed worker's trial comes back"
+        _wait_for_line(worker_log, rf"trial (?!{first}\b)\d+ \(\d+ of \d+\) starting", worker)
+        kill(chief)
+        chief, chief_log = start("chief-2", "chief")
+        assert worker.wait(timeout=600) == 0, worker_log.read_text()[-3000:]
+        assert chief.wait(timeout=300) == 0, chief_log.read_text()[-3000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                kill(process)
+    rows = json.loads((job / "tuner" / "trials.json").read_text())["trials"]
+    assert sorted(str(row["status"]).upper() for row in rows) == ["COMPLETED"] * 3
+    assert (job / "best_hyperparameters.json").exists() and (job / "summary.json").exists()
