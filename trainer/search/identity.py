@@ -64,7 +64,8 @@ def data_digest(data_dir: str) -> str:
 
     ``stats.json``'s counts per split and class, source sizes and options
     change when the folder is rewritten from other photos or options; its
-    run times (``run``), metrics check (``cross_check``) and shard sizes (``shards``, which
+    run times (``run``), metrics check (``cross_check``), carve histogram (``carve_histogram``,
+    added in December 2026, so a folder written before still matches) and shard sizes (``shards``, which
     follow the order records happened to be written in) are left out, so
     re-running the same preprocessing command keeps the same digest.
     """
@@ -86,7 +87,7 @@ def data_digest(data_dir: str) -> str:
                 content = json.loads(handle.read())
             except ValueError:
                 content = {}
-        content = {k: v for k, v in content.items() if k not in ("run", "cross_check", "shards")}
+        content = {k: v for k, v in content.items() if k not in ("run", "cross_check", "shards", "carve_histogram")}
         digest.update(json.dumps(content, sort_keys=True).encode())
     else:
         for shard in sorted(tf.io.gfile.glob(os.path.join(data_dir, "*.tfrecord*"))):
