@@ -100,11 +100,10 @@ def _named_data_loss(config: TrainConfig, body):
         shards = {split: tfrecords.list_shards(config.data_dir, split) for split in tfrecords.SPLITS}
         raise data_info.corrupt_data_error(config.data_dir, shards) from None
     except (OSError, RuntimeError, ValueError, tf.errors.OpError) as error:
-        full = staging.disk_full(error)
+        full = staging.disk_full_message(error, config.job_dir)
         if not full:
             raise
-        raise UserError(f"{full[0] or config.job_dir}: {full[1]} (the disk is full or a file size limit was reached); "
-                        "nothing half-written was published: free space and re-run the same command") from None
+        raise UserError(full) from None
 
 def _check_same_search(tuner, placement, config: TrainConfig) -> None:
     """Every worker of a multi-worker strategy must run the same trials: refuse when their tuner states differ."""

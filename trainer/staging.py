@@ -126,3 +126,12 @@ def disk_full(error: BaseException) -> tuple[str, str] | None:
                 found.group(0)[-3:].strip(" ="), found.group(0))
             return (path.group(0) if path else ""), reason
     return None
+
+
+def disk_full_message(error: BaseException, default_path: str) -> str | None:
+    """The one line a user gets for :func:`disk_full` errors (None for any other error)."""
+    full = disk_full(error)
+    if full is None:
+        return None
+    return (f"{full[0] or default_path}: {full[1]} (the disk is full or a file size limit was reached); "
+            "nothing half-written was published: free space and re-run the same command")

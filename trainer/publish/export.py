@@ -22,9 +22,7 @@ nor the project's server takes for a version; one a killed export left is
 removed by the next, :mod:`trainer.staging`), reloaded and checked against the
 Keras model, and only then renamed to ``<version>``. On a local filesystem that
 rename is atomic; on object stores (``gs://``, ``s3://``) a "rename" is a copy
-and delete, so a watcher polling at the wrong moment could see a partial folder
-there - export locally and upload, or point the server at the bucket only after
-the copy, if that matters.
+and delete, which a watcher could see half done: export locally and upload, if that matters.
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from preprocessing.config import DEFAULT_MAX_PIXELS
-from trainer.staging import disk_full, owner, remove_stale
+from trainer.staging import disk_full_message, owner, remove_stale
 
 SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "image_bytes"
@@ -322,10 +320,9 @@ def export_model(
     except Exception as exc:  # noqa: BLE001 - a failed save must not leave a partial folder either
         _remove(tmp_dir)
         _remove(staging)
-        full = disk_full(exc)
+        full = disk_full_message(exc, tmp_dir)
         if full:
-            raise ExportError(f"{full[0] or tmp_dir}: {full[1]} (the disk is full or a file size limit was "
-                              "reached); nothing was published: free space and re-run the same command") from None
+            raise ExportError(full) from None
         raise ExportError(f"export failed: {type(exc).__name__}: {exc}") from exc
     return ExportResult(version=version, path=final_dir, max_abs_diff=max_abs_diff)
 
