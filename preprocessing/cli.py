@@ -1,10 +1,12 @@
-"""``python -m preprocessing`` / ``tlp-preprocess``: image folders or a CSV manifest -> TFRecords.
+"""``tlp-preprocess`` (also ``python -m preprocessing``): image folders or a CSV manifest -> TFRecords.
 
 Flags mirror :class:`preprocessing.config.PreprocessConfig`; flags this parser
 does not know go to Beam's ``PipelineOptions`` when Beam defines them
 (``--runner``, ``--project``, ``--temp_location``, ``--direct_num_workers`` ...)
 or when they come after ``--``; any other is an error.
-A problem the user can fix is one line on stderr and exit status 2.
+A problem the user can fix is one line on stderr (``tlp-preprocess: error: ...``)
+and exit status 2; a failed job is one line and exit status 1 (the traceback
+with ``--verbose``).
 """
 
 from __future__ import annotations
@@ -21,22 +23,24 @@ import sys  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 from preprocessing import add_version_flag, tfrecords  # noqa: E402
+from preprocessing.console import PROGRAMS, Parser, add_verbose_flag, also_runs_as, fail  # noqa: E402
 from preprocessing.config import DEFAULT_MAX_PIXELS, PreprocessConfig, parse_image_size, parse_split  # noqa: E402
 from preprocessing.errors import PreprocessingError  # noqa: E402
 from preprocessing import worker  # noqa: E402  (its log format, shared with the Beam workers)
 
+PROG = PROGRAMS["preprocessing"]
 EXIT_USER_ERROR = 2
 _DEFAULTS = PreprocessConfig(input="", output="")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m preprocessing",
+    parser = Parser(
+        prog=PROG,
         allow_abbrev=False,  # a Beam flag must never be taken for an abbreviation of ours
         description=(
             "Turn a folder of labelled images (ROOT/<class>/<image> or ROOT/{train,validation,test}/<class>/<image>) "
             "or a CSV manifest (path,label[,split]) into sharded TFRecords, labels.txt, stats.json and errors.jsonl, "
-            "with an Apache Beam pipeline."
+            f"with an Apache Beam pipeline{also_runs_as('preprocessing')}."
         ),
         epilog=(
             "Apache Beam's own options (--runner DataflowRunner --project P --region R --temp_location gs://B/tmp, "
@@ -79,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--progress-seconds", type=float, default=_DEFAULTS.progress_seconds, metavar="S",
                         help="seconds between progress lines; 0 turns them off (default %(default)s)")
-    parser.add_argument("--verbose", action="store_true", help="Beam's own logs, and full tracebacks on failure")
+    add_verbose_flag(parser, "Apache Beam's own logs")
     add_version_flag(parser)
     return parser
 
@@ -170,7 +174,7 @@ def _main(argv: Sequence[str] | None) -> int:
     program = argv is None
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    _setup_logging("--verbose" in argv)
+    _setup_logging("--verbose" in argv or "-v" in argv)
     args, beam_args = _split_args(parser, argv)
     try:
         config = config_from_args(args)
@@ -181,18 +185,16 @@ def _main(argv: Sequence[str] | None) -> int:
         worker.start_standby(worker.local_workers(beam_args), fork=program)
         run(config, beam_args)
     except PreprocessingError as error:
-        print(f"preprocessing: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return fail(PROG, error)
     except KeyboardInterrupt:
-        print("preprocessing: interrupted; the output was not written", file=sys.stderr)
+        print(f"{PROG}: interrupted; the output was not written", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001
         if args.verbose:
             raise
         message = str(error).strip().splitlines()
-        print(f"preprocessing: error: the job failed: {type(error).__name__}: {message[0] if message else ''} "
-              "(run with --verbose for the traceback)", file=sys.stderr)
-        return 1
+        return fail(PROG, f"the job failed: {type(error).__name__}: {message[0] if message else ''} "
+                          "(run with --verbose for the traceback)", 1)
     return 0
 
 

@@ -21,6 +21,9 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from preprocessing import add_version_flag
+from preprocessing.console import PROGRAMS, Parser, add_verbose_flag, at_least, fail
+
 CLASSES = ("circle", "square", "triangle", "stripes")
 _HUES = {
     "circle": ((200, 40, 40), (255, 110, 80)),
@@ -124,19 +127,33 @@ def _write_broken(folder: str) -> None:
         handle.write("this is a text file with an image's name\n")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m preprocessing.sample_data",
+def main(argv: Sequence[str] | None = None) -> int:
+    prog = PROGRAMS["preprocessing.sample_data"]
+    parser = Parser(
+        prog=prog,
         description="Write a small generated image dataset (split folders, a few broken files).",
     )
-    parser.add_argument("root", help="folder to write (created)")
-    parser.add_argument("--per-class", type=int, default=SampleSpec.per_class, help="images per class (default %(default)s)")
+    parser.add_argument("root", help="folder to write (created; must not exist or be empty)")
+    parser.add_argument("--per-class", type=at_least(1), default=SampleSpec.per_class,
+                        help="images per class (default %(default)s)")
     parser.add_argument("--seed", type=int, default=SampleSpec.seed)
     parser.add_argument("--no-broken", action="store_true", help="leave out the deliberately broken files")
+    add_verbose_flag(parser)
+    add_version_flag(parser)
     args = parser.parse_args(argv)
-    counts = generate(args.root, SampleSpec(per_class=args.per_class, seed=args.seed, broken=not args.no_broken))
+    try:
+        if os.path.exists(args.root) and not os.path.isdir(args.root):
+            raise NotADirectoryError(f"{args.root} exists and is not a folder")
+        if os.path.isdir(args.root) and os.listdir(args.root):
+            raise FileExistsError(f"{args.root} is not empty; name a new folder")
+        counts = generate(args.root, SampleSpec(per_class=args.per_class, seed=args.seed, broken=not args.no_broken))
+    except OSError as error:
+        if args.verbose:
+            raise
+        return fail(prog, error)
     print(f"wrote {sum(counts.values())} images to {args.root} ({counts})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -31,9 +31,12 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from preprocessing import add_version_flag
+from preprocessing.console import (PROGRAMS, Parser, add_verbose_flag, at_least, error_line, fail,
+                                   import_tensorflow_quietly, stderr_silenced)
 from trainer.config import BACKBONES, TUNERS
 
 MODEL_NAME = "classifier"
+PROG = PROGRAMS["scripts.demo"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class DemoConfig:
     batch_size: int = 32
     seed: int = 0
     extra_train_args: Sequence[str] = field(default_factory=tuple)
+    verbose: bool = False  # each stage's --verbose, and their TensorFlow start-up lines unfiltered
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ def resolve_weights(weights: str, backbone: str) -> str:
         urllib.request.urlopen("https://storage.googleapis.com", timeout=5).close()
         return "imagenet"
     except OSError:
-        print("demo: no pretrained weights available offline; using --weights none "
+        print(f"{PROG}: no pretrained weights available offline; using --weights none "
               "(random backbone: expect low accuracy, far from what ImageNet weights give). "
               "Pass --weights PATH for real results.", flush=True)
         return "none"
@@ -110,29 +114,29 @@ _NOISE = re.compile(r"^(I\d{4} \d\d:\d\d:|WARNING: All log messages before absl:
                     r"WARNING:root:apitools not found)")
 
 
-def _relay(stream) -> None:
+def _relay(stream, verbose: bool = False) -> None:
     for line in iter(stream.readline, ""):
-        if not _NOISE.match(line):
+        if verbose or not _NOISE.match(line):
             sys.stderr.write(line)
             sys.stderr.flush()
     stream.close()
 
 
-def _start(args: Sequence[str]) -> tuple[subprocess.Popen, threading.Thread]:
+def _start(args: Sequence[str], verbose: bool = False) -> tuple[subprocess.Popen, threading.Thread]:
     """Start one stage's CLI; its stdout goes to the terminal, its stderr too, less TensorFlow's start-up noise."""
     process = subprocess.Popen(list(args), stderr=subprocess.PIPE, text=True, errors="replace")
-    relay = threading.Thread(target=_relay, args=(process.stderr,), daemon=True)
+    relay = threading.Thread(target=_relay, args=(process.stderr, verbose), daemon=True)
     relay.start()
     return process, relay
 
 
-def _run(args: Sequence[str]) -> None:
+def _run(args: Sequence[str], verbose: bool = False) -> None:
     print("$ " + " ".join(args), flush=True)
-    process, relay = _start(args)
+    process, relay = _start(args, verbose)
     returncode = process.wait()
     relay.join()
     if returncode != 0:
-        raise SystemExit(f"demo: step failed (exit {returncode}): {' '.join(args)}")
+        raise SystemExit(error_line(PROG, f"step failed (exit {returncode}): {' '.join(args)}"))
 
 
 def _venv_command(name: str) -> str:
@@ -155,7 +159,6 @@ def _test_split(data_dir: str) -> list[tuple[str, str, bytes]]:
     import tensorflow as tf
 
     from preprocessing import tfrecords
-    from trainer.quiet import stderr_silenced
 
     shards = tfrecords.list_shards(data_dir, "test")
     items = []
@@ -192,6 +195,7 @@ def run(config: DemoConfig) -> DemoResult:
     export_base = os.path.join(job_dir, "export")
     weights = resolve_weights(config.weights, config.backbone)
     image_size = demo_image_size(config)
+    verbose = ["--verbose"] if config.verbose else []
 
     if config.input is None:
         _step("1/5 generate a sample dataset")
@@ -199,7 +203,7 @@ def run(config: DemoConfig) -> DemoResult:
             print(f"sample dataset already at {images}")
         else:
             _run([py, "-m", "preprocessing.sample_data", images, "--per-class", str(config.per_class),
-                  "--seed", str(config.seed)])
+                  "--seed", str(config.seed), *verbose], config.verbose)
     else:
         _step(f"1/5 use the photos in {images}")
         if config.image_size is None:
@@ -210,7 +214,7 @@ def run(config: DemoConfig) -> DemoResult:
     _step("2/5 preprocessing: Beam job -> TFRecords")
     started = time.monotonic()
     _run([py, "-m", "preprocessing", "--input", images, "--output", data_dir,
-          "--image-size", str(image_size), "--overwrite"])
+          "--image-size", str(image_size), "--overwrite", *verbose], config.verbose)
 
     seconds["preprocessing"] = time.monotonic() - started
     _step("3/5 trainer: Keras Tuner search, final fit, evaluation, export")
@@ -219,23 +223,23 @@ def run(config: DemoConfig) -> DemoResult:
           "--backbone", config.backbone, "--weights", weights,
           "--image-size", str(image_size), "--tuner", config.tuner,
           "--max-trials", str(config.max_trials), "--epochs", str(config.epochs),
-          "--batch-size", str(config.batch_size), "--seed", str(config.seed), *config.extra_train_args])
+          "--batch-size", str(config.batch_size), "--seed", str(config.seed), *verbose, *config.extra_train_args],
+         config.verbose)
 
-    from trainer.quiet import import_tensorflow_quietly
-
-    import_tensorflow_quietly(verbose=False)  # the client and the export helpers need it in this process
+    import_tensorflow_quietly(config.verbose)  # the client and the export helpers need it in this process
     from trainer.publish.export import latest_version
 
     seconds["trainer"] = time.monotonic() - started
     version = latest_version(export_base)
     if version is None:
-        raise SystemExit(f"demo: the trainer published no model version under {export_base}")
+        raise SystemExit(error_line(PROG, f"the trainer published no model version under {export_base}"))
 
     _step(f"4/5 serving: development server on 127.0.0.1, model {MODEL_NAME!r} version {version}")
     started = time.monotonic()
     port, rest_port = _free_port(), _free_port()
     server, _ = _start([py, "-m", "serving.server", "--model-base-path", export_base,
-                        "--model-name", MODEL_NAME, "--port", str(port), "--rest-port", str(rest_port)])
+                        "--model-name", MODEL_NAME, "--port", str(port), "--rest-port", str(rest_port), *verbose],
+                       config.verbose)
     try:
         from serving.client import PredictionClient
 
@@ -246,7 +250,7 @@ def run(config: DemoConfig) -> DemoResult:
         _step("5/5 client: held-out test images through gRPC")
         items = _test_split(data_dir)
         if not items:
-            raise SystemExit(f"demo: the data in {data_dir} has no test split to predict on")
+            raise SystemExit(error_line(PROG, f"the data in {data_dir} has no test split to predict on"))
         paths = [photo_path(images, path) for path, _, _ in items]
         predictions = client.predict(paths)
         rows = [(path, truth, prediction.label, prediction.score)
@@ -287,17 +291,28 @@ def run(config: DemoConfig) -> DemoResult:
     return DemoResult(data_dir, job_dir, version, rows, accuracy, record_accuracy, trainer_accuracy, seconds)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _check(args: argparse.Namespace) -> None:
+    """What the stages would refuse only minutes in (a missing --input, a missing weights file), refused now."""
+    if args.input is not None and "://" not in args.input and not os.path.exists(args.input):
+        raise ValueError(f"--input {args.input}: no such folder or CSV manifest")
+    if args.weights not in ("auto", "imagenet", "none") and not os.path.isfile(args.weights):
+        raise ValueError(f"--weights {args.weights}: no such file (auto, imagenet, none, or a .weights.h5 file)")
+    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        raise ValueError(f"--workdir {args.workdir} is a file, not a folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
     defaults = DemoConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.demo",
+    parser = Parser(
+        prog=PROG,
         description="Run the whole pipeline end to end: photos -> TFRecords -> search -> SavedModel -> "
                     "server -> gRPC predictions. Without --input it generates a sample dataset.")
     parser.add_argument("--workdir", default=defaults.workdir, help="where everything is written (default %(default)s)")
     parser.add_argument("--input", default=None,
                         help="your own photos: a folder per class, split folders, or a CSV manifest (default: generated sample)")
-    parser.add_argument("--per-class", type=int, default=defaults.per_class, help="sample images per class (default %(default)s)")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size,
+    parser.add_argument("--per-class", type=at_least(6), default=defaults.per_class,
+                        help="sample images per class, at least 6 so that each split has one (default %(default)s)")
+    parser.add_argument("--image-size", type=at_least(32), default=defaults.image_size,
                         help=f"image side in pixels (default: {SAMPLE_IMAGE_SIZE} for the generated sample, the "
                              "backbone's own size, e.g. 224, for --input)")
     parser.add_argument("--backbone", default=defaults.backbone, choices=BACKBONES, metavar="NAME",
@@ -307,18 +322,31 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "the ImageNet MobileNetV2 weights where this checkout has one, else imagenet if it can be "
                              "downloaded, else none)")
     parser.add_argument("--tuner", default=defaults.tuner, choices=TUNERS, help="search algorithm (default %(default)s)")
-    parser.add_argument("--max-trials", type=int, default=defaults.max_trials, help="search trials (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per phase (default %(default)s)")
+    parser.add_argument("--max-trials", type=at_least(1), default=defaults.max_trials,
+                        help="search trials (default %(default)s)")
+    parser.add_argument("--epochs", type=at_least(1), default=defaults.epochs,
+                        help="epochs per phase (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    add_verbose_flag(parser, "passed to every stage, whose TensorFlow start-up lines then show too")
     add_version_flag(parser)
-    args = parser.parse_args(argv)
-    config = dataclasses.replace(defaults, workdir=args.workdir, input=args.input, per_class=args.per_class,
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check(args)
+    except ValueError as error:
+        return fail(PROG, error)
+    config = dataclasses.replace(DemoConfig(), workdir=args.workdir, input=args.input, per_class=args.per_class,
                                  image_size=args.image_size, backbone=args.backbone, weights=args.weights,
-                                 tuner=args.tuner, max_trials=args.max_trials, epochs=args.epochs, seed=args.seed)
+                                 tuner=args.tuner, max_trials=args.max_trials, epochs=args.epochs, seed=args.seed,
+                                 verbose=args.verbose)
     started = time.monotonic()
     run(config)
     print(f"\ndemo finished in {time.monotonic() - started:.0f}s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,11 +1,13 @@
-"""``python -m serving.client`` (console script ``tlp-client``): classify images, show metadata or status.
+"""``tlp-client`` (also ``python -m serving.client``): classify images, show metadata or status.
 
 The command line over the client library (:mod:`serving.client`):
-``predict`` (the default: ``python -m serving.client --server HOST:PORT
---model NAME IMAGES_OR_FOLDERS...``), ``metadata`` and ``status``. The command
-may also come after the common options (``--server H:P status``). Exit status:
-0 done, 1 the server refused or could not be reached (``error: SERVER: CODE:
-message``), 2 a user mistake (one line on stderr), 130 interrupted.
+``predict`` (the default: ``tlp-client --server HOST:PORT --model NAME
+IMAGES_OR_FOLDERS...``), ``metadata`` and ``status``. The command may also
+come after the common options (``--server H:P status``). Exit status: 0 done,
+1 the server refused or could not be reached (``tlp-client: error: SERVER:
+CODE: message``), 2 a user mistake (one line on stderr), 130 interrupted.
+TensorFlow (which the TF Serving API's protos load) is imported without its
+C++ start-up lines (:mod:`preprocessing.console`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import json
 import os
 import sys
 
+from preprocessing.console import PROGRAMS, Parser, add_verbose_flag, also_runs_as, fail, import_tensorflow_quietly
 from serving.client_types import ClientOptions, Prediction, ServingClientError
 from serving.grpc_client import PredictionClient
 from serving.images import expand_images
 
 COMMANDS = ("predict", "metadata", "status")
+PROG = PROGRAMS["serving.client"]
 
 
 def _common(parser: argparse.ArgumentParser) -> set[str]:
@@ -50,18 +54,19 @@ def _common(parser: argparse.ArgumentParser) -> set[str]:
         parser.add_argument("--client-cert", help="PEM client certificate for mutual TLS (implies --tls)"),
         parser.add_argument("--client-key", help="PEM client key for mutual TLS"),
     ]
+    add_verbose_flag(parser, "TensorFlow's start-up messages (hidden otherwise)")
     return {option for action in actions if action.nargs != 0 for option in action.option_strings}
 
 
 def build_parser() -> argparse.ArgumentParser:
     from preprocessing import add_version_flag
 
-    parser = argparse.ArgumentParser(
-        prog="python -m serving.client",
+    parser = Parser(
+        prog=PROG,
         description="Query an image classifier served by TF Serving (gRPC). Without a command, "
-                    "classifies IMAGES_OR_FOLDERS (the 'predict' command).",
-        epilog="examples: python -m serving.client --server 127.0.0.1:8500 --model classifier photos/ | "
-               "python -m serving.client status --server 127.0.0.1:8500")
+                    f"classifies IMAGES_OR_FOLDERS (the 'predict' command){also_runs_as('serving.client')}.",
+        epilog=f"examples: {PROG} --server 127.0.0.1:8500 --model classifier photos/ | "
+               f"{PROG} status --server 127.0.0.1:8500")
     add_version_flag(parser)
     commands = parser.add_subparsers(dest="command", metavar="{predict,metadata,status}")
     predict = commands.add_parser("predict", help="classify images (the default command)")
@@ -172,25 +177,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 2
+        parser.error(f"give IMAGES_OR_FOLDERS to classify, or a command: {', '.join(COMMANDS)} (see --help)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
+        import_tensorflow_quietly(args.verbose)
         return _run(args)
     except (ServingClientError, OSError, ValueError) as exc:
+        if args.verbose and not isinstance(exc, ServingClientError):
+            raise
         return error_status(exc, args.server)
     except KeyboardInterrupt:
         return 130
 
 
-def error_status(exc: Exception, server: str) -> int:
+def error_status(exc: Exception, server: str, prog: str = PROG) -> int:
     """Print a client CLI's one-line error for ``exc``; return the exit status (shared with serving.loadtest).
 
     1 when the server refused or could not be reached (a :class:`ServingClientError`,
     printed with the server's address and code), 2 for a user mistake (OSError, ValueError).
     """
     if isinstance(exc, ServingClientError):
-        print(f"error: {server}: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    print(f"error: {exc}", file=sys.stderr)
-    return 2
+        return fail(prog, f"{server}: {exc.code}: {exc.message}", 1)
+    return fail(prog, exc, 2)

@@ -1,6 +1,7 @@
 """A bounded gRPC load test: throughput, latency percentiles and errors by status code.
 
-``python -m serving.loadtest --server HOST:PORT --model NAME --concurrency C --requests N [--batch B] IMAGES...``
+``tlp-loadtest --server HOST:PORT --model NAME --concurrency C --requests N [--batch B] IMAGES...``
+(also ``python -m serving.loadtest``)
 
 C threads share one channel and send Predict requests of B images (cycled
 from IMAGES) until N requests have been sent or ``--duration`` seconds have
@@ -144,11 +145,12 @@ def run_load(images: Sequence[bytes], config: LoadTestConfig, stop: threading.Ev
 
 def build_parser() -> argparse.ArgumentParser:
     from preprocessing import add_version_flag
+    from preprocessing.console import PROGRAMS, Parser, add_verbose_flag, also_runs_as
 
     d = LoadTestConfig()
-    p = argparse.ArgumentParser(prog="python -m serving.loadtest",
-                                description="Bounded gRPC Predict load test: throughput, p50/p95/p99 latency, "
-                                            "errors by status code.")
+    p = Parser(prog=PROGRAMS["serving.loadtest"],
+               description="Bounded gRPC Predict load test: throughput, p50/p95/p99 latency, errors by status "
+                           f"code{also_runs_as('serving.loadtest')}.")
     p.add_argument("images", nargs="+", metavar="IMAGES_OR_FOLDERS", help="images to send (cycled)")
     p.add_argument("--server", default=d.server, help="HOST:PORT (default: %(default)s)")
     p.add_argument("--model", default=d.model, help="model name (default: %(default)s)")
@@ -163,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--label", help="version label to ask for")
     p.add_argument("--signature", default=d.signature, help="signature name (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_verbose_flag(p, "TensorFlow's start-up messages (hidden otherwise)")
     add_version_flag(p)
     return p
 
@@ -170,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from preprocessing.console import PROGRAMS, import_tensorflow_quietly
     from serving.client_cli import error_status
     from serving.client_types import ServingClientError
     from serving.images import expand_images
@@ -186,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         for path in paths:
             with open(path, "rb") as handle:
                 images.append(handle.read())
+        import_tensorflow_quietly(args.verbose)  # the TF Serving API's protos load it
         result = run_load(images, config)
     except (ServingClientError, OSError, ValueError) as exc:
-        return error_status(exc, args.server)
+        if args.verbose and not isinstance(exc, ServingClientError):
+            raise
+        return error_status(exc, args.server, PROGRAMS["serving.loadtest"])
     print(json.dumps(asdict(result), indent=2) if args.json else result.summary())
     return 0 if result.ok == result.requests else 1
 

@@ -1,6 +1,6 @@
 """Release model versions on purpose: promote to ``canary``/``stable``, roll ``stable`` back.
 
-``python -m serving.release`` (console script ``tlp-release``) rewrites TF
+``tlp-release`` (also ``python -m serving.release``) rewrites TF
 Serving's model config (``serving/config/models.config``, a text
 ``ModelServerConfig``) so that
 
@@ -53,6 +53,7 @@ import json
 import os
 import sys
 
+from preprocessing.console import PROGRAMS, Parser, add_verbose_flag, also_runs_as, fail, import_tensorflow_quietly
 from serving.release_config import (HEADER, HISTORY_SUFFIX, ReleaseError, atomic_write, history_path, model_entry,
                                     read_config, read_history, render_config, served_versions, write_history)
 from serving.release_plan import (SCORE_EPSILON, STATE_AVAILABLE, STATE_END, Release, ServerError, gate_for,
@@ -64,6 +65,7 @@ __all__ = ["GATE_SOURCES", "HEADER", "HISTORY_SUFFIX", "LABELS", "SCORE_EPSILON"
            "render_config", "served_versions", "version_info", "version_state", "wait_available", "write_history"]
 
 LABELS = ("canary", "stable")
+PROG = PROGRAMS["serving.release"]
 
 GATE_SOURCES = """\
 Scores: a version's test accuracy is read from VERSION/assets.extra/metadata.json
@@ -161,12 +163,13 @@ def cmd_rollback(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from preprocessing import add_version_flag
 
-    parser = argparse.ArgumentParser(
-        prog="python -m serving.release",
+    parser = Parser(
+        prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Release exported versions on purpose: show them, promote one to a label "
                     "(canary or stable), roll stable back. Rewrites TF Serving's model config with a "
-                    "`specific` version policy listing exactly the labelled versions.",
+                    "`specific` version policy listing exactly the labelled versions"
+                    f"{also_runs_as('serving.release')}.",
         epilog=GATE_SOURCES + "\n\nExamples:\n"
                "  tlp-release status --model-config-file serving/config/models.config --model-base-path JOB/export\n"
                "  tlp-release promote 3 --label canary --model-config-file models.config --server 127.0.0.1:8500\n"
@@ -186,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model-name", help="model entry in the config (default: its only entry)")
         sub.add_argument("--gate-file", help="the trainer's gate.json (default: gate.json in the folder above "
                                              "the base path, i.e. JOB/gate.json)")
+        add_verbose_flag(sub, "TensorFlow's start-up messages (hidden otherwise)")
 
     def moving(sub):
         sub.add_argument("--server", action="append", default=[], metavar="HOST:PORT",
@@ -228,15 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
-        parser.print_help()
-        return 2
+        parser.error("give a command: status, promote or rollback (see --help)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "tensorflow" not in sys.modules:  # its C++ start-up lines would bury a one-line error
-        from trainer.quiet import stderr_silenced
-
-        with stderr_silenced():
-            import tensorflow  # noqa: F401
-            from tensorflow_serving.config import model_server_config_pb2  # noqa: F401
+    import_tensorflow_quietly(args.verbose)  # TF Serving's config protos load it; its C++ lines would bury an error
     try:
         if args.command == "promote" and args.label not in LABELS:
             raise ReleaseError(f"unknown label {args.label!r}: use one of {', '.join(LABELS)}")
@@ -244,11 +242,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ReleaseError(f"version must be a positive integer, got {args.version}")
         return {"status": cmd_status, "promote": cmd_promote, "rollback": cmd_rollback}[args.command](args)
     except ReleaseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if args.verbose:
+            raise
+        return fail(PROG, exc, 2)
     except ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        if args.verbose:
+            raise
+        return fail(PROG, exc, 1)
 
 
 if __name__ == "__main__":

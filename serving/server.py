@@ -15,9 +15,12 @@ unchanged:
 * REST on ``--rest-port``: ``/v1/models/NAME[/versions/N|/labels/L][/metadata|:predict]``
   and Prometheus metrics at ``/monitoring/prometheus/metrics``.
 
-Run ``python -m serving.server --model-base-path JOB/export`` (``--help`` for
-the options). SIGTERM or Ctrl-C stops accepting requests, lets the ones in
-flight finish (up to ``--drain-seconds``), then exits 0.
+Run ``tlp-serve --model-base-path JOB/export`` (or ``python -m serving.server``;
+``--help`` for the options). SIGTERM or Ctrl-C stops accepting requests, lets
+the ones in flight finish (up to ``--drain-seconds``), then exits 0. A mistake
+in the options is one line, ``tlp-serve: error: ...``, and exit status 2;
+TensorFlow's C++ lines of the start-up and the first model load are hidden
+unless ``--verbose`` (:mod:`preprocessing.console`).
 
 This module is the server's lifecycle (:class:`ModelServer`: start, watch the
 model config, drain, stop) and its ``main``; the options and their flags are
@@ -28,6 +31,7 @@ the REST API in :mod:`serving.rest`. ``ServerConfig``, ``build_parser`` and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -36,11 +40,13 @@ import threading
 import time
 from concurrent import futures
 
+from preprocessing.console import PROGRAMS, StderrHandler, cpp_stderr_silenced, fail, import_tensorflow_quietly
 from serving.server_config import ServerConfig, build_parser, check_config, config_from_args
 
 __all__ = ["HEALTH_SERVICES", "ModelServer", "ServerConfig", "build_parser", "config_from_args", "main"]
 
 log = logging.getLogger("serving.server")
+PROG = PROGRAMS["serving.server"]
 
 # What tensorflow_model_server --enable_grpc_healthcheck_service answers (model_servers/server.cc): gRPC's
 # default health service ("" for the whole server) plus SetServingStatus("ModelService") and
@@ -214,14 +220,18 @@ class ModelServer:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level="DEBUG" if args.verbose else args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[StderrHandler()])
     config = config_from_args(args)
     try:
+        if config.model_config_file:  # read with TF Serving's protos, which load TensorFlow
+            import_tensorflow_quietly(args.verbose, "serving", log)
         check_config(config)
     except Exception as exc:  # noqa: BLE001 - user mistakes: one line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if args.verbose:
+            raise
+        return fail(PROG, exc)
+    import_tensorflow_quietly(args.verbose, "serving", log)
     server = ModelServer(config)
     stop = threading.Event()
 
@@ -233,11 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        server.start()
+        # the first load prints CUDA's and oneDNN's once-only C++ lines; the server's own log lines still show
+        with contextlib.nullcontext() if args.verbose else cpp_stderr_silenced():
+            server.start()
     except Exception as exc:  # noqa: BLE001
-        print(f"error: cannot start the server: {exc}", file=sys.stderr)
         server.stop(grace=0)
-        return 1
+        if args.verbose:
+            raise
+        return fail(PROG, f"cannot start the server: {exc}", 1)
     while not stop.wait(0.5):
         pass
     server.stop()

@@ -1,6 +1,6 @@
 """The development server's options: :class:`ServerConfig`, the flags that fill it, and their checks.
 
-Every field has a flag of ``python -m serving.server`` named after TF
+Every field has a flag of ``tlp-serve`` (``python -m serving.server``) named after TF
 Serving's (``--model_base_path`` is ``--model-base-path`` here) with TF
 Serving's default where it has one. :func:`check_config` turns a user
 mistake into one line (exit status 2) before anything starts.
@@ -98,11 +98,13 @@ def _label(text: str) -> tuple[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from preprocessing import add_version_flag
+    from preprocessing.console import PROGRAMS, Parser, add_verbose_flag, also_runs_as
 
     d = ServerConfig(model_base_path="")
-    p = argparse.ArgumentParser(
-        prog="python -m serving.server",
-        description="Development server speaking TF Serving's gRPC and REST APIs over BASE/<version>/ SavedModels.")
+    p = Parser(
+        prog=PROGRAMS["serving.server"],
+        description="Development server speaking TF Serving's gRPC and REST APIs over BASE/<version>/ "
+                    f"SavedModels{also_runs_as('serving.server')}.")
     p.add_argument("--model-base-path", default="",
                    help="folder holding numeric version folders (JOB/export); required without --model-config-file")
     p.add_argument("--model-config-file",
@@ -146,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--enable_grpc_healthcheck_service (default: off, as TF Serving)")
     p.add_argument("--no-health-service", dest="health_service", action="store_false",
                    help=argparse.SUPPRESS)  # the former opt-out; the service is now off unless enabled
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="level of the server's log lines (default: %(default)s; --verbose: DEBUG)")
+    add_verbose_flag(p, "TensorFlow's start-up and first-load messages (hidden otherwise)")
     add_version_flag(p)
     return p
 

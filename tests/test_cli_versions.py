@@ -7,11 +7,24 @@ import importlib
 import pytest
 
 from preprocessing import package_version
+from preprocessing.console import PROGRAMS as NAMES
 
-PROGRAMS = {"preprocessing.cli": "python -m preprocessing", "trainer.cli": "tlp-train",
-            "serving.server": "python -m serving.server", "serving.client": "python -m serving.client",
-            "serving.loadtest": "python -m serving.loadtest", "serving.release": "python -m serving.release",
-            "scripts.demo": "python -m scripts.demo"}
+# module whose main() runs -> the name the program gives itself (its console script where it has one)
+PROGRAMS = {"preprocessing.cli": NAMES["preprocessing"],
+            "preprocessing.sample_data": NAMES["preprocessing.sample_data"], "trainer.cli": NAMES["trainer"],
+            "serving.server": NAMES["serving.server"], "serving.client": NAMES["serving.client"],
+            "serving.loadtest": NAMES["serving.loadtest"], "serving.release": NAMES["serving.release"],
+            "scripts.demo": NAMES["scripts.demo"]}
+
+
+def test_the_programs_are_named_after_their_console_scripts(repo_root):
+    import re
+
+    text = (repo_root / "pyproject.toml").read_text()
+    scripts = dict(re.findall(r'^(tlp-[a-z]+) = "([a-z_.]+):main"$', text.split("[project.scripts]")[1], re.M))
+    named = {name: module for module, name in NAMES.items() if not name.startswith("python -m")}
+    assert {name: scripts.get(name, "").removesuffix(".cli") for name in named} == named
+    assert {"tlp-preprocess", "tlp-train", "tlp-serve", "tlp-client", "tlp-loadtest", "tlp-release"} <= set(named)
 
 
 @pytest.mark.parametrize("module", sorted(PROGRAMS))

@@ -28,7 +28,7 @@ from k8s_support import (
 # package, so validation runs offline.
 KUBERNETES_VERSIONS = ("1.33", "1.37")
 
-STAGES = ("platform", "preprocess", "train", "train-multiworker", "tune", "serving", "tensorboard")
+STAGES = ("platform", "preprocess", "train", "train-multiworker", "tune", "serving", "predict", "tensorboard")
 COMPONENT = "app.kubernetes.io/component"
 
 

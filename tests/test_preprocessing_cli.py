@@ -32,7 +32,7 @@ def _two_classes(root, per_class=3):
 def _one_line_error(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if line.startswith("preprocessing: error:")]
+    lines = [line for line in err.splitlines() if line.startswith("tlp-preprocess: error:")]
     assert len(lines) == 1 and "Traceback" not in err
     return lines[0]
 

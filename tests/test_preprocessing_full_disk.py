@@ -36,10 +36,10 @@ def test_a_full_disk_fails_in_one_line_publishes_nothing_and_a_rerun_works(tmp_p
                             preexec_fn=_limit_file_size(60_000))
     assert failed.returncode == 2, failed.stderr[-3000:]
     assert "Traceback" not in failed.stderr, failed.stderr[-3000:]
-    errors = [line for line in failed.stderr.splitlines() if line.startswith("preprocessing: error:")]
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("tlp-preprocess: error:")]
     assert len(errors) == 1 and "file size limit reached" in errors[0] and str(out) in errors[0]
     assert not [line for line in failed.stderr.splitlines() if line.strip() and " INFO " not in line
-                and not line.startswith("preprocessing: error:")], failed.stderr[-3000:]
+                and not line.startswith("tlp-preprocess: error:")], failed.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"], "a partial output or staging folder is left"
 
     again = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)

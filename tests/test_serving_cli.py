@@ -55,9 +55,9 @@ def test_user_mistakes_give_one_line_errors_and_nonzero_exits(grpc_target, tmp_p
     assert client_cli.main(["status", "--server", grpc_target, "--model", "nope"]) == 1
     assert client_cli.main(["status", "--server", "127.0.0.1:1", "--retries", "0", "--timeout", "2"]) == 1
     errors = capsys.readouterr().err.splitlines()
-    assert errors[0].startswith("error: no such file or folder")
-    assert errors[1] == f"error: {grpc_target}: NOT_FOUND: Could not find any versions of model nope"
-    assert errors[2].startswith("error: 127.0.0.1:1: UNAVAILABLE")
+    assert errors[0].startswith("tlp-client: error: no such file or folder")
+    assert errors[1] == f"tlp-client: error: {grpc_target}: NOT_FOUND: Could not find any versions of model nope"
+    assert errors[2].startswith("tlp-client: error: 127.0.0.1:1: UNAVAILABLE")
     assert len(errors) == 3
 
 
@@ -81,12 +81,12 @@ def test_loadtest_counts_failures_by_status_code(grpc_target, image_dir, tmp_pat
 def test_loadtest_reports_a_model_it_cannot_reach_in_one_line(grpc_target, image_dir, capsys):
     assert loadtest_cli.main(["--server", grpc_target, "--model-version", "9", "--requests", "3", str(image_dir)]) == 1
     assert capsys.readouterr().err.strip() == (
-        f"error: {grpc_target}: NOT_FOUND: Servable not found for request: Specific(classifier, 9)")
+        f"tlp-loadtest: error: {grpc_target}: NOT_FOUND: Servable not found for request: Specific(classifier, 9)")
 
 
 def test_server_refuses_a_missing_base_path_in_one_line(tmp_path, capsys):
     assert server_cli.main(["--model-base-path", str(tmp_path / "nope"), "--port", "0"]) == 2
-    assert capsys.readouterr().err.strip() == f"error: model base path {tmp_path / 'nope'} is not a folder"
+    assert capsys.readouterr().err.strip() == f"tlp-serve: error: model base path {tmp_path / 'nope'} is not a folder"
 
 
 def test_help_is_fast_because_it_does_not_import_tensorflow(repo_root):

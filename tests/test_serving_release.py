@@ -71,7 +71,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 def one_line_error(err: str, *needles: str) -> None:
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1 and lines[0].startswith("tlp-release: error: "), err
     assert "Traceback" not in err
     for needle in needles:
         assert needle in lines[0], err

@@ -1,4 +1,7 @@
-"""TensorFlow's C++ start-up lines are hidden, except when they explain why an expected GPU is missing."""
+"""TensorFlow's C++ start-up lines are hidden, except when they explain why an expected GPU is missing.
+
+(:mod:`preprocessing.console`, which the trainer, the serving programs and the demo share.)
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,9 @@ import sys
 SCRIPT = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-import trainer.quiet as quiet
+import preprocessing.console as quiet
 quiet.gpu_expected = lambda: {expected!r}
-quiet.import_tensorflow_quietly(verbose=False)
+quiet.import_tensorflow_quietly(verbose=False, runs_on="training")
 """
 
 

@@ -1,8 +1,8 @@
-"""``python -m trainer --data DATA --job-dir JOB [options]`` (console script ``tlp-train``).
+"""``tlp-train --data DATA --job-dir JOB [options]`` (also ``python -m trainer``).
 
 Flags mirror :class:`trainer.config.TrainConfig`. A user mistake prints one
-line (``tlp-train: error: ...``) and exits 2; nothing prints a traceback for
-bad input.
+line (``tlp-train: error: ...``, :mod:`preprocessing.console`) and exits 2;
+nothing prints a traceback for bad input.
 """
 
 from __future__ import annotations
@@ -13,16 +13,11 @@ import os
 import sys
 
 from preprocessing import add_version_flag
+from preprocessing.console import (PROGRAMS, Parser, StderrHandler, add_verbose_flag, also_runs_as, at_least, fail,
+                                   import_tensorflow_quietly)
 from trainer.config import BACKBONES, DEFAULT_MAX_TRIALS, TUNERS, AugmentConfig, TrainConfig, UserError
-from trainer.quiet import import_tensorflow_quietly
 
-PROG = "tlp-train"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        raise SystemExit(2)
+PROG = PROGRAMS["trainer"]
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -35,21 +30,8 @@ def _image_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(error).removeprefix("--image-size ")) from None
 
 
-def _integer_from(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} must be at least {minimum}")
-        return value
-
-    return parse
-
-
-_positive = _integer_from(1)
-_count = _integer_from(0)
+_positive = at_least(1)
+_count = at_least(0)
 
 
 def _fraction(text: str) -> float:
@@ -65,10 +47,11 @@ def _fraction(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(data_dir="", job_dir="")
     a = AugmentConfig()
-    p = _Parser(prog=PROG, description=(
+    p = Parser(prog=PROG, description=(
         "Search a transfer-learning classifier over TFRecords written by the preprocessing job: "
         "head and fine-tune depth of an ImageNet backbone, chosen by Keras Tuner; then retrain the best, "
-        "evaluate it on the test split and export a versioned SavedModel if it passes the gate."))
+        "evaluate it on the test split and export a versioned SavedModel if it passes the gate"
+        f"{also_runs_as('trainer')}."))
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--data", required=True, help="preprocessing output folder (TFRecords, labels.txt, stats.json)")
     io.add_argument("--job-dir", required=True, help="where the tuner project, logs, eval and export/<version> go")
@@ -78,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also cache decoded images for fine-tuning: in memory or in files at PATH (default: off)")
     model = p.add_argument_group("model")
     model.add_argument("--backbone", default=d.backbone, choices=BACKBONES, metavar="NAME",
-                       help=f"{', '.join(BACKBONES)} (default {d.backbone}; docs/trainer.md compares them)")
+                       help=f"{', '.join(BACKBONES)} (default {d.backbone}; the README's backbone guide compares them)")
     model.add_argument("--weights", default=d.weights,
                        help="imagenet (download; needs internet), none (random init, for plumbing tests) "
                             "or PATH to a local .weights.h5 of the backbone without its top (default imagenet)")
@@ -149,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype of the exported model: float32 whatever the training policy (the default: "
                         "TF Serving's CPU image runs float16 convolutions slowly), or float16 to keep "
                         "--mixed-precision's mixed_float16 compute in the SavedModel")
-    p.add_argument("--verbose", "-v", action="store_true",
-                   help="debug logging, and TensorFlow's start-up messages (hidden otherwise)")
+    add_verbose_flag(p, "TensorFlow's start-up messages (hidden otherwise)")
     add_version_flag(p)
     return p
 
@@ -188,22 +170,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         strategy=args.strategy)
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is now (so redirecting it, as tests do, is honoured)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
 def _setup_logging(verbose: bool) -> None:
     root = logging.getLogger()
-    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
-        handler = _StderrHandler()
+    if not any(isinstance(h, StderrHandler) for h in root.handlers):
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
     logging.getLogger("trainer").setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -217,7 +187,7 @@ def main(argv=None) -> int:
     _setup_logging(args.verbose)
     try:
         config = config_from_args(args)
-        import_tensorflow_quietly(args.verbose)
+        import_tensorflow_quietly(args.verbose, "training", logging.getLogger("trainer"))
         import tensorflow as tf
 
         tf.get_logger().setLevel(logging.ERROR)
@@ -226,8 +196,7 @@ def main(argv=None) -> int:
         placement = distribute.configure(config.strategy, config.mixed_precision)
         summary = run.run(config, placement)
     except UserError as error:
-        sys.stderr.write(f"{PROG}: error: {error}\n")
-        return 2
+        return fail(PROG, error)
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted; re-run the same command to resume the search\n")
         return 130

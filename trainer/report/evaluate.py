@@ -161,21 +161,21 @@ def predict_dataset(model, dataset, total: int | None = None) -> tuple[np.ndarra
     """Run ``model`` (as one graph function) over ``(images, labels)`` batches; return ``(y_true [N], probs [N, C])``.
 
     Labels may be class ids ``[B]`` or one-hot ``[B, C]``. With ``total``
-    (images), progress lines say how far it is (:mod:`trainer.progress`).
+    (images), a progress bar or progress lines say how far it is (:mod:`trainer.progress`).
     """
     import tensorflow as tf
 
     from trainer.progress import Progress
 
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    progress = Progress("evaluation", total, "images")
     y_true, probs = [], []
-    for images, batch_labels in dataset:
-        out = forward(images)
-        probs.append(np.asarray(out, dtype=np.float32))
-        progress.add(int(out.shape[0]))
-        batch_labels = np.asarray(batch_labels)
-        y_true.append(batch_labels.argmax(axis=-1) if batch_labels.ndim == 2 else batch_labels.reshape(-1))
+    with Progress("evaluation", total, "images") as progress:
+        for images, batch_labels in dataset:
+            out = forward(images)
+            probs.append(np.asarray(out, dtype=np.float32))
+            progress.add(int(out.shape[0]))
+            batch_labels = np.asarray(batch_labels)
+            y_true.append(batch_labels.argmax(axis=-1) if batch_labels.ndim == 2 else batch_labels.reshape(-1))
     if not probs:
         raise ValueError("the evaluation dataset is empty")
     return np.concatenate(y_true).astype(np.int64), np.concatenate(probs)
