@@ -16,16 +16,12 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
-import difflib  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
 import sys  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from preprocessing import add_version_flag, tfrecords  # noqa: E402
-from preprocessing.console import PROGRAMS, Parser, add_verbose_flag, also_runs_as, fail  # noqa: E402
+from preprocessing import add_version_flag, beam_cli, tfrecords  # noqa: E402
+from preprocessing.console import PROGRAMS, Parser, add_verbose_flag, also_runs_as  # noqa: E402
 from preprocessing.config import DEFAULT_MAX_PIXELS, PreprocessConfig, parse_image_size, parse_split  # noqa: E402
-from preprocessing.errors import PreprocessingError  # noqa: E402
 from preprocessing import worker  # noqa: E402  (its log format, shared with the Beam workers)
 
 PROG = PROGRAMS["preprocessing"]
@@ -104,98 +100,19 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     )
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format=worker.FORMAT,
-        datefmt=worker.DATE_FORMAT,
-    )
-    logging.getLogger("preprocessing").setLevel(logging.INFO)
-    if not verbose:
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_drop_forwarded_worker_logs)
-
-
-def _drop_forwarded_worker_logs(record: logging.LogRecord) -> bool:
-    """Drop two kinds of noise: the local runner's raw-proto copies of worker logs (the worker
-    already printed them readably) and Beam's warning about optional GCP client libraries."""
-    message = record.getMessage()
-    return not (message.startswith("Worker: ") or message.startswith("apitools not found"))
-
-
-def _split_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Our flags, then Beam's: unknown flags are Beam's only when Beam defines them, or when after ``--``."""
-    passthrough: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, passthrough = argv[:at], argv[at + 1:]
-    args, beam_args = parser.parse_known_args(argv)
-    from preprocessing.runners import unknown_flags
-
-    unknown = unknown_flags(beam_args)
-    if unknown:
-        ours = re.findall(r"--[a-z][a-z-]*", parser.format_usage())
-        hints = [difflib.get_close_matches(flag, ours, n=1) for flag in unknown]
-        hint = "; ".join(f"did you mean {h[0]}?" for h in hints if h)
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (neither a flag of this job nor an Apache "
-                     f"Beam option{'; ' + hint if hint else ''}; flags for a runner's own options go after --)")
-    return args, beam_args + passthrough
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command; ``argv`` ``None`` means this process is the program (``sys.argv``) and runs just this job.
-
-    As the program, once the job is done (output published, streams flushed,
-    ``atexit`` handlers run) the process leaves at once with the exit status:
-    Python's own teardown of Beam, gRPC and the rest took ~0.4 s per run.
-    """
-    try:
-        code = _main(argv)
-    finally:
-        worker.stop_standby()
-    if argv is None:
-        _leave(code)
-    return code
+    """The command; ``argv`` ``None`` means this process is the program (``sys.argv``) and runs just this job."""
+    return beam_cli.run_program(PROG, build_parser(), argv, _job)
 
 
-def _leave(code: int) -> None:
-    import atexit
+def _job(args: argparse.Namespace, beam_args: list[str], program: bool) -> None:
+    config = config_from_args(args)
+    from preprocessing.job import run
 
-    getattr(atexit, "_run_exitfuncs", lambda: None)()  # logging.shutdown and anything else registered
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    program = argv is None
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _setup_logging("--verbose" in argv or "-v" in argv)
-    args, beam_args = _split_args(parser, argv)
-    try:
-        config = config_from_args(args)
-        from preprocessing.job import run
-
-        # as the program, this process runs one job: its local workers can be forks of it, with Beam already
-        # imported (preprocessing.worker; stopped by main); otherwise job.run starts them as new processes
-        worker.start_standby(worker.local_workers(beam_args), fork=program)
-        run(config, beam_args)
-    except PreprocessingError as error:
-        return fail(PROG, error)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the output was not written", file=sys.stderr)
-        return 130
-    except Exception as error:  # noqa: BLE001
-        if args.verbose:
-            raise
-        message = str(error).strip().splitlines()
-        return fail(PROG, f"the job failed: {type(error).__name__}: {message[0] if message else ''} "
-                          "(run with --verbose for the traceback)", 1)
-    return 0
+    # as the program, this process runs one job: its local workers can be forks of it, with Beam already
+    # imported (preprocessing.worker; stopped by beam_cli); otherwise job.run starts them as new processes
+    worker.start_standby(worker.local_workers(beam_args), fork=program)
+    run(config, beam_args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,15 +20,11 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
-import difflib  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
 import sys  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from preprocessing import add_version_flag, worker  # noqa: E402
-from preprocessing.console import PROGRAMS, Parser, add_verbose_flag, fail  # noqa: E402
-from preprocessing.errors import PreprocessingError  # noqa: E402
+from preprocessing import add_version_flag, beam_cli  # noqa: E402
+from preprocessing.console import PROGRAMS, Parser, add_verbose_flag  # noqa: E402
 from serving.batch_config import CSV_MAX_ROWS, BatchConfig  # noqa: E402
 
 PROG = PROGRAMS.get("serving.batch", "tlp-predict")
@@ -84,99 +80,17 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
                        progress_seconds=args.progress_seconds)
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=worker.FORMAT,
-                        datefmt=worker.DATE_FORMAT)
-    for name in ("serving.batch", "preprocessing"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    if not verbose:
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_drop_noise)
-
-
-def _drop_noise(record: logging.LogRecord) -> bool:
-    """The local runner's raw copies of worker logs (the worker printed them already) and Beam's GCP notice."""
-    message = record.getMessage()
-    return not (message.startswith("Worker: ") or message.startswith("apitools not found"))
-
-
-def _split_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Our flags, then Beam's: unknown flags are Beam's only when Beam defines them, or when after ``--``."""
-    passthrough: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, passthrough = argv[:at], argv[at + 1:]
-    args, beam_args = parser.parse_known_args(argv)
-    from preprocessing.runners import unknown_flags
-
-    unknown = unknown_flags(beam_args)
-    if unknown:
-        ours = re.findall(r"--[a-z][a-z-]*", parser.format_usage())
-        hints = [difflib.get_close_matches(flag, ours, n=1) for flag in unknown]
-        hint = "; ".join(f"did you mean {h[0]}?" for h in hints if h)
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (neither a flag of this job nor an Apache "
-                     f"Beam option{'; ' + hint if hint else ''}; flags for a runner's own options go after --)")
-    return args, beam_args + passthrough
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command; ``argv`` ``None`` means this process is the program (``sys.argv``) and runs just this job.
-
-    As the program it leaves with ``os._exit`` once the output is published and
-    the streams are flushed, as ``python -m preprocessing`` does (Python's own
-    teardown of Beam, gRPC and TensorFlow only costs time).
-    """
-    try:
-        code = _main(argv)
-    finally:
-        worker.stop_standby()
-    if argv is None:
-        _leave(code)
-    return code
+    """The command; ``argv`` ``None`` means this process is the program (``sys.argv``) and runs just this job."""
+    return beam_cli.run_program(PROG, build_parser(), argv, _job, loggers=("serving.batch", "preprocessing"))
 
 
-def _leave(code: int) -> None:
-    import atexit
+def _job(args: argparse.Namespace, beam_args: list[str], program: bool) -> None:
+    config = config_from_args(args)
+    from serving.batch_job import run
 
-    getattr(atexit, "_run_exitfuncs", lambda: None)()  # logging.shutdown and anything else registered
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    program = argv is None
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _setup_logging("--verbose" in argv or "-v" in argv)
-    args, beam_args = _split_args(parser, argv)
-    try:
-        config = config_from_args(args)
-        from serving.batch_job import run
-
-        # as the program, this process runs one job: its local workers can be forks of it (batch_job.run)
-        run(config, beam_args, fork=program)
-    except PreprocessingError as error:  # BatchError is one; so are the reused staging checks
-        return fail(PROG, error)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the output was not written", file=sys.stderr)
-        return 130
-    except Exception as error:  # noqa: BLE001
-        if args.verbose:
-            raise
-        return fail(PROG, f"the job failed: {_reason(error)} (run with --verbose for the traceback)", 1)
-    return 0
-
-
-def _reason(error: Exception) -> str:
-    """One line for a failed job: a worker's error arrives as a whole traceback, whose last line says what failed."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if lines and lines[0].startswith("Traceback"):
-        return lines[-1]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    # as the program, this process runs one job: its local workers can be forks of it (batch_job.run)
+    run(config, beam_args, fork=program)
 
 
 if __name__ == "__main__":  # pragma: no cover
