@@ -55,6 +55,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
 from preprocessing import images, shards, sources, splits, stats
+from preprocessing.staging import remove_tree
 from preprocessing.config import PreprocessConfig
 from preprocessing.sources import InputSpec
 from preprocessing.tfrecords import ERRORS_FILE, LABELS_FILE, SPLITS
@@ -470,19 +471,8 @@ class Finish(beam.DoFn):
                 name = shards.shard_name(split, index, count)
                 if name not in written:
                     shards.write_empty(FileSystems.join(self.out_dir, name))
-        _remove_folder(self.temp_dir)
+        remove_tree(self.temp_dir)
 
-
-def _remove_folder(path: str) -> None:
-    """Delete ``path`` and everything under it (a local folder, or an object-store prefix)."""
-    try:
-        leftovers = [m.path for m in FileSystems.match([FileSystems.join(path, "**")])[0].metadata_list]
-        if leftovers:
-            FileSystems.delete(leftovers)
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
-    except Exception as error:  # noqa: BLE001 - a leftover temporary folder is not worth failing the job
-        _log.warning("could not remove the temporary folder %s: %s", path, error)
 
 
 def build(pipeline: beam.Pipeline, config: PreprocessConfig, spec: InputSpec, out_dir: str) -> None:

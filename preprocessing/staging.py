@@ -113,3 +113,15 @@ class Staging:
                 FileSystems.delete([self.path])
         except Exception as error:  # noqa: BLE001
             _log.warning("could not remove the staging folder %s: %s", self.path, error)
+
+
+def remove_tree(path: str) -> None:
+    """Delete ``path`` and everything under it (a local folder, or an object-store prefix); warn if it fails."""
+    try:
+        leftovers = [m.path for m in FileSystems.match([FileSystems.join(path, "**")])[0].metadata_list]
+        if leftovers:
+            FileSystems.delete(leftovers)
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+    except Exception as error:  # noqa: BLE001 - a leftover temporary folder is not worth failing the job
+        _log.warning("could not remove the temporary folder %s: %s", path, error)

@@ -22,6 +22,8 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from preprocessing.staging import remove_tree
+
 TEMP_FOLDER = "_tmp"
 COUNTS_FILE = "_counts.json"
 ERRORS_FILE = "errors.jsonl"
@@ -90,7 +92,7 @@ class Finish(beam.DoFn):
                   "csv": CSV_FILE if csv_written else None}
         with create(FileSystems.join(self.out_dir, COUNTS_FILE)) as handle:
             handle.write(json.dumps(counts, sort_keys=True).encode("utf-8"))
-        _remove_folder(self.temp_dir)
+        remove_tree(self.temp_dir)
 
     def _write_csv(self, names: list[str]) -> None:
         header = ["path", "given_label", "label", "score"]
@@ -111,14 +113,3 @@ class Finish(beam.DoFn):
                         writer.writerow(row)
             text.flush()
             text.detach()
-
-
-def _remove_folder(path: str) -> None:
-    try:
-        leftovers = [m.path for m in FileSystems.match([FileSystems.join(path, "**")])[0].metadata_list]
-        if leftovers:
-            FileSystems.delete(leftovers)
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
-    except Exception as error:  # noqa: BLE001 - a leftover temporary folder is not worth failing the job
-        _log.warning("could not remove the temporary folder %s: %s", path, error)
