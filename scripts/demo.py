@@ -285,10 +285,23 @@ def run(config: DemoConfig) -> DemoResult:
           f"(the trainer's own evaluation: {trainer_accuracy:.1%})")
     print(f"\nOutputs:\n  TFRecords, labels, stats, errors: {data_dir}"
           f"\n  evaluation (metrics.json, PNGs):  {os.path.join(job_dir, 'eval')}"
+          f"{_eval_extras(os.path.join(job_dir, 'eval'))}"
           f"\n  SavedModel:                       {os.path.join(export_base, str(version))}"
           f"\n  TensorBoard:                      {_venv_command('tensorboard')} --logdir "
           f"{os.path.join(job_dir, 'tensorboard')}")
     return DemoResult(data_dir, job_dir, version, rows, accuracy, record_accuracy, trainer_accuracy, seconds)
+
+
+def _eval_extras(eval_dir: str) -> str:
+    """Where the mistakes gallery and the suspect labels are, with their counts (lines of the outputs list)."""
+    lines = ""
+    for name, what, csv_name in (("mistakes.png", "mistakes gallery (evaluation)", "mistakes.csv"),
+                                 ("label_issues.png", "label issues (train, validation)", "label_issues.csv")):
+        if os.path.exists(os.path.join(eval_dir, csv_name)):
+            with open(os.path.join(eval_dir, csv_name)) as handle:
+                count = max(0, sum(1 for _ in handle) - 1)
+            lines += f"\n  {what + ':':<33} {count}, {os.path.join(eval_dir, name)} and {csv_name}"
+    return lines
 
 
 def _check(args: argparse.Namespace) -> None:

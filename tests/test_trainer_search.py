@@ -104,6 +104,27 @@ def test_best_hyperparameters_are_the_winning_trials_values_and_score(searched_j
                               if not k.startswith("tuner/")}
 
 
+def test_the_evaluation_writes_its_mistakes_and_the_suspect_labels(searched_job):
+    """eval/mistakes.* (exactly metrics.json's errors) and eval/label_issues.* from the run's cached features."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    metrics = json.loads((searched_job / "eval" / "metrics.json").read_text())
+    matrix = np.array(metrics["confusion_matrix"]["matrix"])
+    with open(searched_job / "eval" / "mistakes.csv", newline="") as handle:
+        mistakes = list(csv.DictReader(handle))
+    assert len(mistakes) == matrix.sum() - np.trace(matrix)
+    assert all(row["true_label"] != row["predicted_label"] for row in mistakes)
+    assert (searched_job / "eval" / "label_issues.csv").read_text().startswith("path,split,given_label,")
+    summary = json.loads((searched_job / "summary.json").read_text())
+    assert summary["mistakes"] == len(mistakes) and summary["label_issues"] >= 0
+    for name in ("mistakes.png", "label_issues.png"):
+        with Image.open(searched_job / "eval" / name) as image:
+            assert image.format == "PNG" and image.width > 100, name
+
+
 def test_the_exported_model_answers_for_encoded_test_images(searched_job, tfrecord_data):
     from trainer.data import info as data_info
     from trainer.data import records

@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="publish even when the gate says no")
     g.add_argument("--no-export", dest="export", action="store_false",
                    help="stop after evaluation (no gate, no SavedModel)")
+    g.add_argument("--find-label-issues", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the evaluation, flag train and validation images whose label the model contradicts "
+                        "(confident learning on the cached bottleneck features): JOB/eval/label_issues.csv and "
+                        ".png (default: on when the feature cache exists)")
     g.add_argument("--max-pixels", type=_positive, default=None, metavar="N",
                    help="the serving graph refuses uploads with more pixels than this, from their header, before "
                         "decoding (decompression bombs); recorded in the export's metadata (default: the "
@@ -167,7 +171,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         finetune_cache=args.finetune_cache, finetune_cache_final=args.finetune_cache_final,
         overwrite=args.overwrite, min_accuracy=args.min_accuracy, force=args.force, cache_dir=args.cache_dir,
         export=args.export, export_precision=args.export_precision, max_pixels=args.max_pixels,
-        strategy=args.strategy)
+        strategy=args.strategy, find_label_issues=args.find_label_issues)
 
 
 def _setup_logging(verbose: bool) -> None:

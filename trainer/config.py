@@ -71,6 +71,7 @@ class TrainConfig:
     export_precision: str = "float32"  # float32 | float16 (keep the training's mixed_float16 compute)
     max_pixels: int | None = None  # largest upload the serving graph decodes; None: the data's --max-pixels
     top_k: int = 3
+    find_label_issues: bool | None = None  # eval/label_issues.*; None: when the bottleneck feature cache exists
 
     @property
     def trial_budget(self) -> int | None:

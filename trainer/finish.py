@@ -17,21 +17,32 @@ log = logging.getLogger("trainer")
 CHECK_IMAGES = 16
 GATE_BATCH = 64
 
-def evaluate_gate_export(model, history, info, image_size, backbone_name, best_values, config) -> dict:
+def evaluate_gate_export(model, history, info, image_size, backbone_name, best_values, config, *,
+                         feature_cache: str | None = None) -> dict:
+    """``feature_cache``: the run's bottleneck feature folder (``eval/label_issues.*``); None: looked up."""
     from trainer.data import info as data_info
     from trainer.data import records
 
     split = info.eval_split
     if split != "test":
         log.warning("no test split in %s: evaluating and gating on the validation split", config.data_dir)
-    dataset = records.image_dataset(info, split, image_size, config.batch_size)
+    dataset = records.eval_dataset(info, split, image_size, config.batch_size)
     result: dict = {"eval_split": split}
     from trainer.report.evaluate import evaluate_model
+    from trainer.report.mistakes import MistakeCollector
 
+    mistakes = MistakeCollector(info.labels)
     metrics = evaluate_model(model, dataset, info.labels, config.eval_dir, history=history, top_k=config.top_k,
-                             total=info.size(split))
+                             total=info.size(split), on_batch=mistakes.add)
     result["accuracy"] = float(metrics["accuracy"])
     log.info("%s accuracy of the retrained model: %.4f (%s)", split, result["accuracy"], config.eval_dir)
+    wrote = mistakes.write(config.eval_dir)
+    result["mistakes"] = wrote["count"]
+    log.info("mistakes: %d of %d %s images misclassified: %s, %s", wrote["count"], wrote["examined"], split,
+             wrote["csv"], wrote["png"])
+    found = _label_issues(info, feature_cache, backbone_name, image_size, config)
+    if found is not None:
+        result["label_issues"] = found
     if not config.export:
         return result
 
@@ -70,6 +81,28 @@ def _serving_max_pixels(config: TrainConfig) -> int:
     if config.max_pixels:
         return config.max_pixels
     return int(data_info.read_options(config.data_dir).get("max_pixels") or DEFAULT_MAX_PIXELS)
+
+
+def _label_issues(info, cache_path, backbone_name, image_size, config: TrainConfig) -> int | None:
+    """``eval/label_issues.*`` unless ``--no-find-label-issues``; skipped, in one line, without the feature cache."""
+    from trainer.report import label_issues
+
+    if config.find_label_issues is False:
+        return None
+    cache_path = cache_path or label_issues.find_cache(config.feature_cache_dir, info, backbone_name, image_size)
+    if not label_issues.cache_ready(cache_path):
+        log.info("label issues: skipped, no cached bottleneck features of the train and validation splits under %s",
+                 cache_path or config.feature_cache_dir)
+        return None
+    try:
+        found = label_issues.find_label_issues(info, cache_path, config.eval_dir, seed=config.seed)
+    except (label_issues.LabelIssuesError, ValueError) as error:
+        log.warning("label issues: skipped: %s", error)
+        return None
+    log.info("label issues: %d of %d train and validation images look mislabelled or ambiguous (confident learning "
+             "on out-of-fold predictions, %.1fs): %s, %s", found["count"], found["examined"], found["seconds"],
+             found["csv"], found["png"])
+    return found["count"]
 
 
 def _gate(score: float, batches, count: int, label_names, config: TrainConfig) -> tuple[bool, str]:

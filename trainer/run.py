@@ -304,7 +304,7 @@ def _run(config: TrainConfig, placement=None, chief: bool = True) -> dict:
                "best_hyperparameters": best_values, "search_mode": mode,
                "class_weights": {plan.info.labels[i]: round(w, 4) for i, w in (weights or {}).items()}}
     summary.update(finish.evaluate_gate_export(model, history, plan.info, plan.image_size, plan.backbone.name,
-                                               best_values, config))
+                                               best_values, config, feature_cache=features.path))
     summary["seconds"] = round(time.perf_counter() - started, 1)
     _write_json(os.path.join(config.job_dir, "summary.json"), summary)
     if placement.workers > 1:

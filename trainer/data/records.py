@@ -36,11 +36,12 @@ def worker_shards(info: DataInfo, split: str, worker: tuple[int, int]) -> list[s
 
 
 def _records(info: DataInfo, split: str, *, shuffle: bool, seed: int, ordered: bool = False,
-             files: list[str] | None = None):
+             files: list[str] | None = None, keys: tuple[str, ...] = (tfrecords.ENCODED, tfrecords.LABEL)):
     """Serialized-parsed records of a split (or the carved part of train) as ``(encoded, label)``.
 
     Shuffled reads may come out of order (faster) unless ``ordered``.
     ``files``: read only these of the split's shards (a worker's own).
+    ``keys``: the record fields of each element (default ``(encoded, label)``).
     """
     import tensorflow as tf
 
@@ -67,7 +68,7 @@ def _records(info: DataInfo, split: str, *, shuffle: bool, seed: int, ordered: b
         dataset = dataset.filter(_in_split)
     if whole:
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(info.size(split)))
-    return dataset.map(lambda e: (e[tfrecords.ENCODED], e[tfrecords.LABEL]))
+    return dataset.map(lambda e: tuple(e[key] for key in keys))
 
 
 def batch_for_replicas(dataset, batch_size: int, count: int, replicas: int = 1, *, train: bool = False):
@@ -158,6 +159,27 @@ def image_dataset(info: DataInfo, split: str, image_size: tuple[int, int], batch
     if shuffle and augmenter is not None:
         dataset = augment_dataset(dataset, augmenter)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def record_fields(info: DataInfo, split: str, keys: tuple[str, ...], batch_size: int = 256):
+    """Batches of the record fields ``keys`` of a split, in the order every unshuffled read sees
+    (:func:`image_dataset`, the bottleneck feature cache); ``trainer.report`` matches rows to source paths by it."""
+    return _records(info, split, shuffle=False, seed=0, keys=keys).batch(batch_size)
+
+
+def eval_dataset(info: DataInfo, split: str, image_size: tuple[int, int], batch_size: int):
+    """Unshuffled batches of ``(images, labels int32, source ids, encoded bytes)``: :func:`image_dataset`'s
+    evaluation read with each image's source path and file bytes beside it (``eval/mistakes.*``)."""
+    import tensorflow as tf
+
+    size = tuple(int(s) for s in image_size)
+    mode = info.resize_mode
+    dataset = _records(info, split, shuffle=False, seed=0,
+                       keys=(tfrecords.ENCODED, tfrecords.LABEL, tfrecords.SOURCE_ID))
+    dataset = dataset.map(lambda encoded, label, source: (tfrecords.decode_and_resize(encoded, size, mode),
+                                                          tf.cast(label, tf.int32), source, encoded),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def encoded_examples(info: DataInfo, split: str, limit: int | None = None) -> tuple[list[bytes], list[int]]:

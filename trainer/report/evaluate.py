@@ -157,11 +157,13 @@ def metrics_from_probabilities(y_true: Sequence[int], probabilities: np.ndarray,
     }
 
 
-def predict_dataset(model, dataset, total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def predict_dataset(model, dataset, total: int | None = None, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
     """Run ``model`` (as one graph function) over ``(images, labels)`` batches; return ``(y_true [N], probs [N, C])``.
 
     Labels may be class ids ``[B]`` or one-hot ``[B, C]``. With ``total``
     (images), a progress bar or progress lines say how far it is (:mod:`trainer.progress`).
+    Batches may carry more components (``(images, labels, *extra)``); ``on_batch(y_true [B], probs [B, C],
+    *extra)`` then sees each batch as numpy (``trainer.report.mistakes`` keeps the misclassified ones).
     """
     import tensorflow as tf
 
@@ -170,12 +172,14 @@ def predict_dataset(model, dataset, total: int | None = None) -> tuple[np.ndarra
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     y_true, probs = [], []
     with Progress("evaluation", total, "images") as progress:
-        for images, batch_labels in dataset:
+        for images, batch_labels, *extra in dataset:
             out = forward(images)
             probs.append(np.asarray(out, dtype=np.float32))
             progress.add(int(out.shape[0]))
             batch_labels = np.asarray(batch_labels)
             y_true.append(batch_labels.argmax(axis=-1) if batch_labels.ndim == 2 else batch_labels.reshape(-1))
+            if on_batch is not None:
+                on_batch(y_true[-1], probs[-1], *(np.asarray(e) for e in extra))
     if not probs:
         raise ValueError("the evaluation dataset is empty")
     return np.concatenate(y_true).astype(np.int64), np.concatenate(probs)
@@ -217,7 +221,7 @@ def write_metrics(metrics: Mapping[str, Any], out_dir: str) -> str:
 
 def evaluate_model(model, dataset, labels: Sequence[str], out_dir: str, *,
                    history: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
-                   top_k: int = 3, total: int | None = None) -> dict[str, Any]:
+                   top_k: int = 3, total: int | None = None, on_batch=None) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` and write ``out_dir/metrics.json`` and the plots.
 
     ``dataset`` yields ``(images float32 [B, H, W, 3] in [0, 255], class ids [B])``;
@@ -226,10 +230,11 @@ def evaluate_model(model, dataset, labels: Sequence[str], out_dir: str, *,
     ``confusion_matrix.png``, ``pr_curves.png`` and, when ``history`` is given
     as ``{"phase1": History.history, "phase2": History.history}`` (any number
     of phases, in order), ``training_curves.png``. Returns the metrics dict.
+    ``on_batch``: see :func:`predict_dataset`.
     """
     from trainer.report import plots
 
-    y_true, probabilities = predict_dataset(model, dataset, total)
+    y_true, probabilities = predict_dataset(model, dataset, total, on_batch)
     metrics = metrics_from_probabilities(y_true, probabilities, labels, top_k)
     path = write_metrics(metrics, out_dir)
     log.info("%s\nwrote %s", format_report(metrics), path)
