@@ -200,3 +200,17 @@ def test_without_a_feature_cache_the_trainer_says_so_in_one_line_and_skips(tfrec
         assert finish._label_issues(info, None, "mobilenet_v2", (32, 32),
                                     config.replace(find_label_issues=False)) is None
     assert not caplog.records
+
+
+def test_random_weights_skip_label_issues_unless_asked_for(tmp_path, caplog):
+    """Random features say nothing about the labels: --weights none skips the step, in one line, before any work."""
+    from trainer import finish
+    from trainer.config import TrainConfig
+
+    config = TrainConfig(data_dir=str(tmp_path), job_dir=str(tmp_path / "job"), weights="none")
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        assert finish._label_issues(None, str(tmp_path / "no-cache"), "mobilenet_v2", (32, 32), config) is None
+    assert [r.getMessage() for r in caplog.records if "label issues" in r.getMessage()] == [
+        "label issues: skipped, --weights none gives random features, which say nothing about the labels "
+        "(pass pretrained weights, or --find-label-issues to look anyway)"]
+    assert not (tmp_path / "job").exists()

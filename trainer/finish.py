@@ -84,11 +84,18 @@ def _serving_max_pixels(config: TrainConfig) -> int:
 
 
 def _label_issues(info, cache_path, backbone_name, image_size, config: TrainConfig) -> int | None:
-    """``eval/label_issues.*`` unless ``--no-find-label-issues``; skipped, in one line, without the feature cache."""
+    """``eval/label_issues.*`` unless ``--no-find-label-issues``; skipped, in one line, without the feature cache
+    or (unless asked for) on random weights."""
     from trainer.report import label_issues
 
     if config.find_label_issues is False:
         return None
+    if config.weights.lower() == "none":
+        if config.find_label_issues is None:
+            log.info("label issues: skipped, --weights none gives random features, which say nothing about the "
+                     "labels (pass pretrained weights, or --find-label-issues to look anyway)")
+            return None
+        log.warning("label issues: --weights none: the features are random, so the ranking says little")
     cache_path = cache_path or label_issues.find_cache(config.feature_cache_dir, info, backbone_name, image_size)
     if not label_issues.cache_ready(cache_path):
         log.info("label issues: skipped, no cached bottleneck features of the train and validation splits under %s",
