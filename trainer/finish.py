@@ -88,6 +88,9 @@ def _label_issues(info, cache_path, backbone_name, image_size, config: TrainConf
     or (unless asked for) on random weights."""
     from trainer.report import label_issues
 
+    for stale in (label_issues.LABEL_ISSUES_CSV, label_issues.LABEL_ISSUES_PNG):  # an earlier model's, not this one's
+        if os.path.exists(os.path.join(config.eval_dir, stale)):
+            os.remove(os.path.join(config.eval_dir, stale))
     if config.find_label_issues is False:
         return None
     if config.weights.lower() == "none":
