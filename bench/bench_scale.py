@@ -26,6 +26,7 @@ Run by hand (not a test), from the repository root::
     .venv/bin/python -m bench.bench_scale                        # 10,000 and 100,000 images
     .venv/bin/python -m bench.bench_scale --sizes 5000,50000     # on a busy machine
     .venv/bin/python -m bench.bench_scale --sizes 500,5000 --work /tmp/scale-bench/quick   # a quick look
+    .venv/bin/python -m bench.bench_scale --only preprocessing   # the preprocessing job alone
 
 Writes JSON to bench/out/scale-<date>.json (``--json``), a Markdown report to
 stdout and, with ``--results``, to that file. A stage that fails is recorded
@@ -257,7 +258,7 @@ def _du_mb(path: Path) -> float:
         return 0.0
 
 
-def bench_size(count: int, work: Path, side: int, batch_size: int) -> dict:
+def bench_size(count: int, work: Path, side: int, batch_size: int, with_trainer: bool = True) -> dict:
     started = time.monotonic()
     images = small_set(work, count, side)
     generated_s = time.monotonic() - started
@@ -273,6 +274,7 @@ def bench_size(count: int, work: Path, side: int, batch_size: int) -> dict:
         row["splits"] = stats.get("written", {})
         row["data_mb"] = _du_mb(data)
         row["shards"] = len(list(data.glob("*.tfrecord")))
+    if pre["ok"] and with_trainer:
         search_space = json.dumps({"finetune_depth": 0})
         trainer = run_stage("trainer", [
             "trainer", "--data", str(data), "--job-dir", str(job), "--weights", "none", "--image-size", str(side),
@@ -310,6 +312,8 @@ def _scaling_pair(small: dict, large: dict) -> list[dict]:
     extra = large["images"] - small["images"]
     out = []
     for name in ("preprocessing", "trainer"):
+        if not any(s["stage"] == name for row in (small, large) for s in row["stages"]):
+            continue   # not run (--only)
         a, b = _stage(small, name), _stage(large, name)
         if not a or not b:
             out.append({"stage": name, "from": small["images"], "to": large["images"], "missing": True})
@@ -404,6 +408,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="trainer batch size (default %(default)s)")
     parser.add_argument("--json", help="JSON output (default bench/out/scale-<date>.json)")
     parser.add_argument("--results", help="also write the Markdown report to this file")
+    parser.add_argument("--only", choices=("preprocessing",), help="run only this stage (the trainer needs the "
+                        "preprocessing output, so only the preprocessing stage can run alone)")
     args = parser.parse_args()
 
     sizes = sorted(int(s) for s in args.sizes.split(",") if s)
@@ -417,7 +423,7 @@ def main() -> None:
     rows = []
     for count in sizes:
         print(f"{count:,} images ({args.image_px} px) in {work} ...", file=sys.stderr, flush=True)
-        rows.append(bench_size(count, work, args.image_px, args.batch_size))
+        rows.append(bench_size(count, work, args.image_px, args.batch_size, with_trainer=args.only is None))
     result = {"date": when.isoformat(timespec="seconds"), "machine": machine(),
               "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
               "nproc": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],

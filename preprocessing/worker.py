@@ -32,6 +32,15 @@ worker. Standbys exit when their driver does, and the driver ends unused ones
 harness returns (its logs flushed): the interpreter's own teardown (joining
 gRPC's threads) took ~0.3 s per worker, and the runner stops its workers one
 after the other.
+
+**Memory.** The driver (when the CLI is the program) and every worker tune
+glibc's allocator before they start work (:func:`tune_memory`): the local
+runner hands each worker its whole share of a stage's input as one bundle,
+and the buffers that carry it otherwise stayed resident, freed, in each
+thread's heap, so the process tree grew by ~1.9 KB per input image
+(``bench/RESULTS-scale.md``; ~0.9 KB with the settings). A caller of
+:func:`preprocessing.job.run` keeps its own process's allocator as it is;
+its workers are tuned all the same.
 """
 
 from __future__ import annotations
@@ -115,6 +124,59 @@ def _run_harness() -> int:
                 stream.flush()
             except (OSError, ValueError):
                 pass
+
+
+# ---------------------------------------------------------------- memory (the local job's processes)
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+# (mmap threshold, trim threshold): blocks this large or larger get their own mapping, unmapped when freed; free
+# memory at the top of the heap kept for reuse (glibc's own rule moves both up to 32 and 64 MiB). The driver
+# decodes no images; a worker decodes them from the heap (PILLOW_BLOCK_SIZE under its threshold).
+DRIVER_MALLOC = (1 << 20, 2 << 20)
+WORKER_MALLOC = (2 << 20, 32 << 20)
+PILLOW_BLOCK_SIZE = 1 << 20
+
+
+def tune_memory(driver: bool = False) -> bool:
+    """Keep this process's resident memory from growing with what crosses the local runner's shuffles.
+
+    The local runner hands each worker its whole share of a stage's input as
+    one bundle, so the buffers that carry it (the encoded partition, the
+    gRPC message, protobuf's copy; in the driver and in the worker) and a
+    worker's output before it is sent (up to 10 MB) grow with the input.
+    glibc raises its mmap threshold to the largest block freed so far, after
+    which such buffers come from the heap of the thread that allocated them
+    (gRPC's, Beam's data channel's, the bundle's) and stay resident after
+    the stage, freed but not returned: most of the ~1.9 KB per image the
+    process tree grew by from 10,000 to 100,000 images
+    (``bench/RESULTS-scale.md``). Here: one heap for all threads and a fixed
+    mmap threshold (such buffers are unmapped when freed). A worker also
+    keeps 32 MiB free at the top of its heap and has Pillow allocate images
+    in 1 MiB blocks, so decoding reuses the heap as before: with a fixed
+    threshold, Pillow's default 16 MiB blocks or a small trim threshold,
+    each decoded 1-3 megapixel photo was mapped and faulted in anew (+40-50%
+    CPU per photo). Only with glibc (``mallopt``); elsewhere nothing changes.
+    Returns whether the allocator settings were applied.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - glibc's parameter numbers; another libc may number them otherwise
+    except (OSError, AttributeError):
+        return False
+    try:
+        from PIL import Image
+
+        Image.core.set_block_size(PILLOW_BLOCK_SIZE)
+    except (ImportError, AttributeError, ValueError):  # pragma: no cover - Pillow is a dependency
+        pass
+    mmap_threshold, trim_threshold = DRIVER_MALLOC if driver else WORKER_MALLOC
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in (
+        (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold)))
 
 
 # ---------------------------------------------------------------- standby workers (the driver's side)
@@ -250,6 +312,8 @@ def start_standby(count: int, fork: bool = False) -> None:
     global _standby
     if _standby is not None or count <= 0:
         return
+    if fork:  # the program's own process, the one that holds what crosses the local runner's shuffles
+        tune_memory(driver=True)
     from importlib import metadata
 
     try:
@@ -290,6 +354,7 @@ def _preload() -> None:
 
 def standby(folder: str, name: str, forked: bool = False) -> None:
     """Wait, with Beam's harness imported, for a runner's worker to hand over its environment; then be it."""
+    tune_memory()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(os.path.join(folder, name + _SOCKET))
     server.listen(1)
@@ -359,6 +424,7 @@ def main() -> None:
     elif args[:1] == ["--standby"]:
         standby(args[1], args[2])
     else:
+        tune_memory()
         configure_console()
         os._exit(_run_harness())
 
