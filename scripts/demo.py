@@ -66,7 +66,7 @@ class DemoResult:
     predictions: list  # (path, true label, predicted label, score)
     accuracy: float  # on the original test photos, through gRPC
     record_accuracy: float  # on the test records' bytes, through gRPC
-    trainer_accuracy: float  # eval/metrics.json of the same model
+    trainer_accuracy: float  # the trainer's evaluation of the served version (its export metadata)
     seconds: dict  # wall time of each stage
 
 
@@ -279,10 +279,9 @@ def run(config: DemoConfig) -> DemoResult:
     low, high = accuracy_interval(correct, len(rows))
     print(f"\ngRPC accuracy on the held-out test photos: {correct}/{len(rows)} = {accuracy:.1%} "
           f"(95% interval {low:.1%}-{high:.1%})")
-    with open(os.path.join(job_dir, "eval", "metrics.json")) as handle:
-        trainer_accuracy = json.load(handle)["accuracy"]
+    trainer_accuracy = _served_accuracy(export_base, version, job_dir)
     print(f"gRPC accuracy on the test records the trainer evaluated: {record_accuracy:.1%} "
-          f"(the trainer's own evaluation: {trainer_accuracy:.1%})")
+          f"(the trainer's own evaluation of version {version}: {trainer_accuracy:.1%})")
     print(f"\nOutputs:\n  TFRecords, labels, stats, errors: {data_dir}"
           f"\n  evaluation (metrics.json, PNGs):  {os.path.join(job_dir, 'eval')}"
           f"{_eval_extras(os.path.join(job_dir, 'eval'))}"
@@ -290,6 +289,16 @@ def run(config: DemoConfig) -> DemoResult:
           f"\n  TensorBoard:                      {_venv_command('tensorboard')} --logdir "
           f"{os.path.join(job_dir, 'tensorboard')}")
     return DemoResult(data_dir, job_dir, version, rows, accuracy, record_accuracy, trainer_accuracy, seconds)
+
+
+def _served_accuracy(export_base: str, version: int, job_dir: str) -> float:
+    """The trainer's test accuracy of the version served (its metadata), not of a retrain the gate refused."""
+    try:
+        with open(os.path.join(export_base, str(version), "assets.extra", "metadata.json")) as handle:
+            return float(json.load(handle)["metrics"]["accuracy"])
+    except (OSError, KeyError, TypeError, ValueError):
+        with open(os.path.join(job_dir, "eval", "metrics.json")) as handle:
+            return json.load(handle)["accuracy"]
 
 
 def _eval_extras(eval_dir: str) -> str:
