@@ -65,14 +65,15 @@ def inspect_data(data_dir: str, validation_fraction: float = 0.2) -> DataInfo:
     shards = {split: tfrecords.list_shards(data_dir, split) for split in tfrecords.SPLITS}
     if not shards["train"]:
         raise UserError(f"--data {data_dir}: no train shards ({tfrecords.shard_pattern('train')})")
-    options = read_options(data_dir)
+    stats = _read_stats(data_dir)
+    options = dict((stats or {}).get("options") or {})
     size = options.get("image_size")
     record_size = (int(size[0]), int(size[1])) if size else None
     resize_mode = options.get("resize_mode") or "stretch"
     if resize_mode not in tfrecords.RESIZE_MODES:
         raise UserError(f"--data {data_dir}: stats.json resize_mode {resize_mode!r} is not one of "
                         f"{', '.join(tfrecords.RESIZE_MODES)}")
-    counts = _counts_from_stats(data_dir, labels, shards)
+    counts = _counts_from_stats(data_dir, labels, shards, stats)
     why_count = "no usable stats.json"
     if counts is None:
         counts = {}
@@ -82,7 +83,7 @@ def inspect_data(data_dir: str, validation_fraction: float = 0.2) -> DataInfo:
                 counts.update(_count_split(data_dir, split, shards[split], labels, False, validation_fraction))
     carve = not sum(counts.get("validation", []))  # no validation shard, or only empty ones (--split 80,0,20)
     if carve and "train" in counts:
-        carved, why_count = _carved_counts(data_dir, labels, counts["train"], validation_fraction)
+        carved, why_count = _carved_counts(stats, labels, counts["train"], validation_fraction)
         counts.update(carved or {"validation": None})
     if "train" not in counts or counts.get("validation") is None:
         log.info("counting the train records of %s (%s)", data_dir,
@@ -101,7 +102,8 @@ def inspect_data(data_dir: str, validation_fraction: float = 0.2) -> DataInfo:
         raise UserError(f"--data {data_dir}: the validation split is empty (too few train records to carve one)")
     return info
 
-def _counts_from_stats(data_dir: str, labels: list[str], shards: dict[str, list[str]]) -> dict | None:
+def _counts_from_stats(data_dir: str, labels: list[str], shards: dict[str, list[str]],
+                       stats: dict | None) -> dict | None:
     """Per-split, per-class counts from ``stats.json``, checked cheaply against the shards; None when unusable.
 
     stats.json must name the classes of labels.txt, and every split must have
@@ -112,12 +114,9 @@ def _counts_from_stats(data_dir: str, labels: list[str], shards: dict[str, list[
     """
     import tensorflow as tf
 
-    path = os.path.join(data_dir, tfrecords.STATS_FILE)
-    if not tf.io.gfile.exists(path):
+    if stats is None:
         return None
     try:
-        with tf.io.gfile.GFile(path) as handle:
-            stats = json.load(handle)
         by_split = stats["by_split_and_class"]
         named = [str(name) for name in stats["labels"]]
         counts = {split: [int(by_split.get(split, {}).get(name, {}).get("written", 0)) for name in named]
@@ -152,18 +151,14 @@ def _counts_from_stats(data_dir: str, labels: list[str], shards: dict[str, list[
                                 "(truncated or rewritten); re-run preprocessing")
     return {split: n for split, n in counts.items() if shards[split]}
 
-def _carved_counts(data_dir: str, labels: list[str], train: list[int],
-                   fraction: float) -> tuple[dict | None, str]:
+def _carved_counts(stats: dict, labels: list[str], train: list[int], fraction: float) -> tuple[dict | None, str]:
     """(train, validation) counts of a carve from ``stats.json``'s ``carve_histogram``, or (None, why not).
 
     The histogram counts train records per class in bins of whole percents of
     the carve bucket, so any whole-percent ``--validation-fraction`` is exact;
     the records are carved per record as they stream (:mod:`trainer.data.records`).
     """
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(os.path.join(data_dir, tfrecords.STATS_FILE)) as handle:
-        histogram = json.load(handle).get("carve_histogram")
+    histogram = stats.get("carve_histogram")
     if not isinstance(histogram, dict) or histogram.get("method") != tfrecords.CARVE_METHOD:
         return None, "stats.json has no carve histogram (an older preprocessing wrote it)"
     bins = int(histogram.get("bins", 0))
@@ -219,16 +214,24 @@ def corrupt_data_error(data_dir: str, shards: dict[str, list[str]]) -> UserError
 
 def read_options(data_dir: str) -> dict:
     """The preprocessing options recorded in ``DATA/stats.json`` (empty without one)."""
+    return dict((_read_stats(data_dir) or {}).get("options") or {})
+
+
+def _read_stats(data_dir: str) -> dict | None:
+    """``DATA/stats.json`` as a dict, read once per check (None without one)."""
     import tensorflow as tf
 
     path = os.path.join(data_dir, tfrecords.STATS_FILE)
     if not tf.io.gfile.exists(path):
-        return {}
+        return None
     try:
         with tf.io.gfile.GFile(path) as handle:
-            return dict(json.load(handle).get("options") or {})
-    except (ValueError, AttributeError) as error:
+            stats = json.load(handle)
+    except ValueError as error:
         raise UserError(f"--data {data_dir}: stats.json is not valid JSON ({error})") from None
+    if not isinstance(stats, dict):
+        raise UserError(f"--data {data_dir}: stats.json is not valid JSON (not an object)")
+    return stats
 
 def _validation_bucket(sha, source_id):
     return tfrecords.carve_bucket_tensor(sha, source_id)
