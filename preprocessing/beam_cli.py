@@ -42,13 +42,21 @@ def _drop_forwarded_worker_logs(record: logging.LogRecord) -> bool:
     return not (message.startswith("Worker: ") or message.startswith("apitools not found"))
 
 
-def split_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Our flags, then Beam's: unknown flags are Beam's only when Beam defines them, or when after ``--``."""
+def split_args(parser: argparse.ArgumentParser, argv: list[str],
+               program: bool = False) -> tuple[argparse.Namespace, list[str]]:
+    """Our flags, then Beam's: unknown flags are Beam's only when Beam defines them, or when after ``--``.
+
+    Beam is imported only past ``--help`` and our own flags' errors; by the
+    program (``program``), without what it does not use
+    (:func:`preprocessing.worker.import_beam_lean`).
+    """
     passthrough: list[str] = []
     if "--" in argv:
         at = argv.index("--")
         argv, passthrough = argv[:at], argv[at + 1:]
     args, beam_args = parser.parse_known_args(argv)
+    if program:
+        worker.import_beam_lean()
     from preprocessing.runners import unknown_flags
 
     unknown = unknown_flags(beam_args)
@@ -83,7 +91,7 @@ def run_program(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] 
 
 def _run(prog, parser, argv, job, program, loggers) -> int:
     setup_logging("--verbose" in argv or "-v" in argv, loggers)
-    args, beam_args = split_args(parser, argv)
+    args, beam_args = split_args(parser, argv, program)
     try:
         job(args, beam_args, program)
     except PreprocessingError as error:

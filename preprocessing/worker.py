@@ -179,11 +179,49 @@ def tune_memory(driver: bool = False) -> bool:
         (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold)))
 
 
+# ---------------------------------------------------------------- importing Beam
+
+# Optional modules Beam's type hints import when installed (apache_beam/typehints/__init__.py, 2.77.0:
+# ``try: import pandas ... except ImportError``) to register DataFrame batch types these jobs never use.
+# pandas comes with cleanlab (the trainer's label issues); in each process of a Beam job it cost ~0.25 s
+# of start-up and ~45 MB (bench/RESULTS-scale.md).
+UNUSED_BY_BEAM_JOBS = ("pandas",)
+
+
+def import_beam_lean() -> bool:
+    """Import Beam without the optional modules it would load for type hints these jobs do not use.
+
+    For the processes of this project's Beam jobs only (the program's driver
+    and its local workers), never a library caller's, and only with the
+    pinned Beam, whose type hints treat them as optional. The modules stay
+    importable afterwards. Returns whether Beam was imported here.
+    """
+    if "apache_beam" in sys.modules or any(name in sys.modules for name in UNUSED_BY_BEAM_JOBS):
+        return False
+    from importlib import metadata
+
+    try:
+        if metadata.version("apache-beam") != BEAM_VERSION:
+            return False
+    except metadata.PackageNotFoundError:
+        return False
+    for name in UNUSED_BY_BEAM_JOBS:
+        sys.modules[name] = None  # type: ignore[assignment]  # the import system's "not importable" mark
+    try:
+        import apache_beam  # noqa: F401
+    finally:
+        for name in UNUSED_BY_BEAM_JOBS:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+    return True
+
+
 # ---------------------------------------------------------------- standby workers (the driver's side)
 
 BEAM_VERSION = "2.77.0"  # the pinned apache-beam (pyproject.toml): the standby hand-over is checked against it
 LOCAL_RUNNER_NAMES = ("", "directrunner", "direct", "fnapirunner")  # --runner values that mean the local runner
 _READY, _TAKEN, _SOCKET = ".ready", ".taken", ".sock"
+FOLDER_PREFIX = "preprocessing-workers-"  # then <host>~<pid>- (preprocessing.owners): a killed driver's is removed
 _standby = None
 
 
@@ -247,8 +285,11 @@ class Standby:
         import tempfile
         import threading
 
+        from preprocessing import owners
+
         make_package_importable()
-        self.folder = tempfile.mkdtemp(prefix="preprocessing-workers-")
+        remove_leftover_folders()
+        self.folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{owners.owner()}-")
         self.processes: list = []
         self.forked: list[int] = []
         if fork and threading.active_count() == 1:
@@ -299,6 +340,23 @@ class Standby:
             except ChildProcessError:
                 pass
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def remove_leftover_folders() -> None:
+    """Remove the standby folders (a few sockets and markers) of drivers on this host that were killed."""
+    import shutil
+    import tempfile
+
+    from preprocessing import owners
+
+    root, mine = tempfile.gettempdir(), owners.owner()
+    try:
+        entries = [entry for entry in os.scandir(root) if entry.name.startswith(FOLDER_PREFIX)]
+    except OSError:
+        return
+    for entry in entries:
+        if mine not in entry.name and owners.left_behind(entry.name, lambda: entry.stat().st_mtime):
+            shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def start_standby(count: int, fork: bool = False) -> None:
@@ -368,6 +426,7 @@ def standby(folder: str, name: str, forked: bool = False) -> None:
         for handler in list(root.handlers):
             root.removeHandler(handler)
     configure_console()
+    import_beam_lean()
     from apache_beam.runners.worker import sdk_worker_main  # noqa: F401 - the second it takes is why standbys exist
 
     _preload()
@@ -426,6 +485,7 @@ def main() -> None:
     else:
         tune_memory()
         configure_console()
+        import_beam_lean()
         os._exit(_run_harness())
 
 

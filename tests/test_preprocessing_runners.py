@@ -147,3 +147,65 @@ def test_a_local_run_on_standby_workers_leaves_no_process_or_folder_behind(tmp_p
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(glob.glob(f"{tempfile.gettempdir()}/preprocessing-workers-*")) <= before
+
+
+def test_a_killed_drivers_standby_folder_is_removed_by_the_next_run(monkeypatch):
+    """A driver killed with SIGKILL leaves its standby folder (sockets, markers); the next run on the host removes it."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from preprocessing import owners, worker
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tempfile.mkdtemp(prefix=f"{worker.FOLDER_PREFIX}{owners.host()}~{gone.stdout.strip()}-")
+    running = tempfile.mkdtemp(prefix=f"{worker.FOLDER_PREFIX}{owners.host()}~{os.getppid()}-")
+    unowned = tempfile.mkdtemp(prefix=worker.FOLDER_PREFIX)
+    try:
+        worker.start_standby(1)
+        assert worker.standby_command() is not None
+        assert f"{owners.owner()}-" in worker._standby.folder
+        assert not os.path.exists(dead)
+        assert os.path.exists(running) and os.path.exists(unowned)
+    finally:
+        worker.stop_standby()
+        for folder in (dead, running, unowned):
+            if os.path.exists(folder):
+                os.rmdir(folder)
+
+
+def test_beam_is_imported_without_pandas_yet_pandas_stays_importable(repo_root):
+    """pandas (cleanlab's) would cost each of the job's processes ~0.25 s and ~45 MB; Beam only offers it as a type."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from preprocessing import worker\n"
+        "assert worker.import_beam_lean()\n"
+        "import apache_beam\n"
+        "assert 'pandas' not in sys.modules and 'apache_beam.typehints.pandas_type_compatibility' not in sys.modules\n"
+        "import pandas\n"
+        "assert pandas.DataFrame({'a': [1]}).shape == (1, 1)\n"
+        "assert not worker.import_beam_lean()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_no_process_of_the_program_imports_pandas(tmp_path, repo_root):
+    """The program's driver and its local workers (forked or started by the runner) never load pandas."""
+    import os
+    import subprocess
+    import sys
+
+    photos = _photos(tmp_path / "photos")
+    env = dict(os.environ, PYTHONPROFILEIMPORTTIME="1")  # every process reports each module it imports on stderr
+    proc = subprocess.run([sys.executable, "-m", "preprocessing", "--input", str(photos), "--output",
+                           str(tmp_path / "data"), "--image-size", "8", "--direct_num_workers=2"],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "apache_beam.runners.worker.sdk_worker_main" in imported
+    assert not [name for name in imported if name.startswith("pandas.")]  # a blocked attempt logs "pandas" alone
