@@ -72,7 +72,7 @@ def _run(config: PreprocessConfig, beam_args: list[str] | None) -> dict:
     started = time.monotonic()
     try:
         beam_pipeline = beam.Pipeline(runner=choice.runner, options=choice.options)
-        pipeline.build(beam_pipeline, config, spec, out_dir)
+        pipeline.build(beam_pipeline, config, spec, out_dir, choice.lanes)
         result = beam_pipeline.run()
         pipeline.wait_with_progress(result, choice.local, config.progress_seconds)
         seconds = time.monotonic() - started

@@ -11,6 +11,7 @@
       -> AssignShards     shard of each record: contiguous runs in sha256 order (preprocessing.shards)
       -> GroupByKey(shard) -> ConvertShard   Pillow decode/convert/resize/encode, serialize_example,
                           one TFRecord file per shard: {split}-NNNNN-of-NNNNN.tfrecord
+                          (the local multi-process runner: GroupByKey(lane), one lane per worker)
     every step's bundle report -> MergeReports -> Finish   _counts.json, labels.txt, errors.jsonl
     listed labels + kept records per split -> Plan          side input: label ids, shards per split
 
@@ -27,6 +28,16 @@ whole process tree's by ~0.9 KB (it was ~3 KB for the driver with one element
 per file, then 0.75 and 1.8-1.9 KB), bounded by a test. Image bytes are
 read inside the steps that need them (twice: once to hash, once to convert)
 and never held, so memory does not grow with the images.
+
+**Lanes.** The local multi-process runner hands each worker every n-th key
+of a grouped stage, by count (``GroupingBuffer.partition`` in
+``apache_beam/runners/portability/fn_api_runner/execution.py``, 2.77.0):
+with 64 train shards of ~60 records and 128 validation and test shards of
+~8, one of two workers converted 34 train shards and the other 30 (9% more
+images, and the job waits for the slower). So on that runner the shards are
+grouped into one *lane* per worker, contiguous ranges of equal record counts
+(:func:`lane_of`), and each worker converts its lane's shards one after the
+other. Other runners balance work themselves and get one key per shard.
 
 The job has few steps on purpose: each of the local runner's stages costs
 tens of milliseconds (Beam's ``WriteToText``/``WriteToTFRecord`` take four
@@ -338,8 +349,12 @@ class Plan(beam.CombineFn):
         return {"labels": sorted(accumulator["labels"]), "splits": layout}
 
 
-def assign_shards(element, plan: dict) -> Iterable:
-    """A bucket's kept entries -> ``((split, shard, shards), (bucket, entries))``, one run per shard it touches."""
+def assign_shards(element, plan: dict, lanes: int = 0) -> Iterable:
+    """A bucket's kept entries -> ``((split, shard, shards), (bucket, entries))``, one run per shard it touches.
+
+    With ``lanes`` (the local runner's worker count), keyed by lane instead:
+    ``(lane, ((split, shard, shards), (bucket, entries)))``.
+    """
     bucket, kept = element
     layout = plan["splits"]
     by_split: dict[str, list] = defaultdict(list)
@@ -349,7 +364,17 @@ def assign_shards(element, plan: dict) -> Iterable:
         records, count = layout[split]["records"], layout[split]["shards"]
         ranked = enumerate(entries, layout[split]["offsets"][bucket])
         for shard, run in itertools.groupby(ranked, key=lambda pair: shards.shard_of(pair[0], records, count)):
-            yield (split, shard, count), (bucket, _pack([entry for _, entry in run]))
+            key, value = (split, shard, count), (bucket, _pack([entry for _, entry in run]))
+            yield (lane_of(plan, split, shard, lanes), (key, value)) if lanes else (key, value)
+
+
+def lane_of(plan: dict, split: str, shard: int, lanes: int) -> int:
+    """The lane of a shard: the shards of all splits, in order, cut into ``lanes`` runs of equal record counts."""
+    layout = plan["splits"]
+    total = sum(layout[name]["records"] for name in SPLITS)
+    before = sum(layout[name]["records"] for name in SPLITS[: SPLITS.index(split)])
+    first = shards.first_rank(shard, layout[split]["records"], layout[split]["shards"])
+    return min(lanes - 1, (before + first) * lanes // max(1, total))
 
 
 class ConvertShard(_Step):
@@ -380,7 +405,18 @@ class ConvertShard(_Step):
         return self._ids[label]
 
     def process(self, element, plan: dict) -> None:
-        (split, shard, count), runs = element
+        key, values = element
+        if not isinstance(key, int):
+            self._shard(key, values, plan)
+            return
+        runs_by_shard: dict[tuple, list] = defaultdict(list)  # a lane: its shards, one after the other
+        for shard_key, run in values:
+            runs_by_shard[shard_key].append(run)
+        for shard_key in sorted(runs_by_shard):
+            self._shard(shard_key, runs_by_shard.pop(shard_key), plan)
+
+    def _shard(self, key: tuple, runs: Iterable, plan: dict) -> None:
+        split, shard, count = key
         labels = plan["labels"]
         name = shards.shard_name(split, shard, count)
         writer = shards.ShardWriter(FileSystems.join(self.out_dir, name), self.temp_dir)
@@ -479,8 +515,11 @@ class Finish(beam.DoFn):
 
 
 
-def build(pipeline: beam.Pipeline, config: PreprocessConfig, spec: InputSpec, out_dir: str) -> None:
-    """Add the whole job to ``pipeline``, writing into ``out_dir`` (the staging folder)."""
+def build(pipeline: beam.Pipeline, config: PreprocessConfig, spec: InputSpec, out_dir: str, lanes: int = 0) -> None:
+    """Add the whole job to ``pipeline``, writing into ``out_dir`` (the staging folder).
+
+    ``lanes``: the local multi-process runner's worker count (see Lanes above); 0 for any other runner.
+    """
     temp_dir = FileSystems.join(out_dir, shards.TEMP_FOLDER)
     if spec.layout == sources.MANIFEST:
         lines = pipeline | "ReadManifest" >> beam.io.ReadFromText(spec.path, skip_header_lines=1)
@@ -508,7 +547,7 @@ def build(pipeline: beam.Pipeline, config: PreprocessConfig, spec: InputSpec, ou
     )
     converted = (
         kept.kept
-        | "AssignShards" >> beam.FlatMap(assign_shards, plan)
+        | "AssignShards" >> beam.FlatMap(assign_shards, plan, lanes)
         | "GroupByShard" >> beam.GroupByKey()
         | "ConvertShard" >> beam.ParDo(ConvertShard(config, out_dir, temp_dir), plan=plan).with_outputs(REPORT)
     )

@@ -44,6 +44,7 @@ class RunnerChoice:
     options: PipelineOptions
     description: str
     local: bool
+    lanes: int = 0  # the local multi-process runner's workers: see preprocessing.pipeline (Lanes)
 
 
 def _has_flag(args: list[str], name: str) -> bool:
@@ -110,7 +111,9 @@ def choose_runner(beam_args: list[str]) -> RunnerChoice:
     if direct.direct_running_mode == "multi_processing":
         worker.make_package_importable()
     description = f"FnApiRunner ({direct.direct_running_mode}, {direct.direct_num_workers} workers)"
-    return RunnerChoice(runner=_fn_api_runner(options), options=options, description=description, local=True)
+    lanes = direct.direct_num_workers if direct.direct_running_mode == "multi_processing" else 0
+    return RunnerChoice(runner=_fn_api_runner(options), options=options, description=description, local=True,
+                        lanes=lanes if lanes > 1 else 0)
 
 
 def _fn_api_runner(options: PipelineOptions):

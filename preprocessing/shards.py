@@ -63,6 +63,11 @@ def shard_of(rank: int, records: int, shards: int) -> int:
     return rank * shards // records
 
 
+def first_rank(shard: int, records: int, shards: int) -> int:
+    """The rank of the first record of ``shard`` (the inverse of :func:`shard_of`)."""
+    return -(-shard * records // shards)
+
+
 def shard_name(split: str, index: int, shards: int) -> str:
     return f"{split}-{index:05d}-of-{shards:05d}{SHARD_SUFFIX}"
 
