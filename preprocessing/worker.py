@@ -181,20 +181,22 @@ def tune_memory(driver: bool = False) -> bool:
 
 # ---------------------------------------------------------------- importing Beam
 
-# Optional modules Beam's type hints import when installed (apache_beam/typehints/__init__.py, 2.77.0:
-# ``try: import pandas ... except ImportError``) to register DataFrame batch types these jobs never use.
-# pandas comes with cleanlab (the trainer's label issues); in each process of a Beam job it cost ~0.25 s
-# of start-up and ~45 MB (bench/RESULTS-scale.md).
-UNUSED_BY_BEAM_JOBS = ("pandas",)
+# Modules `import apache_beam` loads, each in a ``try: ... except ImportError`` of its own (2.77.0), for
+# features these jobs never use: pandas for DataFrame batch type hints (apache_beam/typehints/__init__.py;
+# pandas comes with cleanlab, for the trainer's label issues), and the BigQuery, Pub/Sub and cross-language
+# IOs (apache_beam/io/__init__.py, which also pulls in requests; GCS paths do not need it: gs:// is
+# registered by apache_beam/io/filesystems.py on its own). Together ~0.3 s of every job process's start-up
+# and ~45 MB of its memory (bench/RESULTS-preprocessing.md).
+UNUSED_BY_BEAM_JOBS = ("pandas", "apache_beam.io.gcp.bigquery")
 
 
 def import_beam_lean() -> bool:
-    """Import Beam without the optional modules it would load for type hints these jobs do not use.
+    """Import Beam without the optional modules it would load for features these jobs do not use.
 
     For the processes of this project's Beam jobs only (the program's driver
     and its local workers), never a library caller's, and only with the
-    pinned Beam, whose type hints treat them as optional. The modules stay
-    importable afterwards. Returns whether Beam was imported here.
+    pinned Beam, which imports them as optional. The modules stay importable
+    afterwards. Returns whether Beam was imported here.
     """
     if "apache_beam" in sys.modules or any(name in sys.modules for name in UNUSED_BY_BEAM_JOBS):
         return False

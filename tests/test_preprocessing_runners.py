@@ -175,8 +175,8 @@ def test_a_killed_drivers_standby_folder_is_removed_by_the_next_run(monkeypatch)
                 os.rmdir(folder)
 
 
-def test_beam_is_imported_without_pandas_yet_pandas_stays_importable(repo_root):
-    """pandas (cleanlab's) would cost each of the job's processes ~0.25 s and ~45 MB; Beam only offers it as a type."""
+def test_beam_is_imported_without_pandas_or_bigquery_yet_both_stay_importable(repo_root):
+    """Beam loads them only to offer features these jobs never use (~0.3 s and ~45 MB per process)."""
     import subprocess
     import sys
 
@@ -186,12 +186,35 @@ def test_beam_is_imported_without_pandas_yet_pandas_stays_importable(repo_root):
         "assert worker.import_beam_lean()\n"
         "import apache_beam\n"
         "assert 'pandas' not in sys.modules and 'apache_beam.typehints.pandas_type_compatibility' not in sys.modules\n"
+        "assert 'apache_beam.io.gcp.bigquery' not in sys.modules\n"
         "import pandas\n"
         "assert pandas.DataFrame({'a': [1]}).shape == (1, 1)\n"
+        "from apache_beam.io.gcp import bigquery\n"
+        "assert bigquery.ReadFromBigQuery\n"
         "assert not worker.import_beam_lean()\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_lean_import_registers_the_same_file_systems(repo_root):
+    """gs://, s3:// and the rest are registered by Beam's filesystems module, not by the IOs left out."""
+    import subprocess
+    import sys
+
+    def schemes(lean: bool) -> str:
+        code = (
+            "from preprocessing import worker\n"
+            f"assert worker.import_beam_lean() if {lean} else True\n"
+            "from apache_beam.io.filesystem import FileSystem\n"
+            "from apache_beam.io.filesystems import FileSystems\n"
+            "print(sorted(cls.scheme() or '' for cls in FileSystem.get_all_subclasses()))\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.strip()
+
+    assert schemes(lean=True) == schemes(lean=False)
 
 
 def test_no_process_of_the_program_imports_pandas(tmp_path, repo_root):
