@@ -15,7 +15,7 @@ import csv
 import io
 import os
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -48,11 +48,6 @@ class InputSpec:
     columns: tuple[str, ...] = ()
     unknown_columns: tuple[str, ...] = ()
     empty_class_folders: tuple[str, ...] = field(default=())
-
-    @property
-    def glob(self) -> str:
-        """Beam file pattern of every file under the root folder."""
-        return FileSystems.join(self.path, "**")
 
     @property
     def base_dir(self) -> str:
@@ -141,6 +136,24 @@ def _inspect_manifest(path: str) -> InputSpec:
         raise PreprocessingError(f"{path}: manifest has a header but no rows")
     unknown = tuple(column for column in columns if column not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
     return InputSpec(path=path, layout=MANIFEST, columns=columns, unknown_columns=unknown)
+
+
+def list_files(root: str) -> Iterator[str]:
+    """Every file under ``root``, at any depth, as it is found (nothing held but the walk's own state).
+
+    Local folders are walked (``os.walk``, symbolic links to folders not
+    followed: as Beam's local file system lists them); on other file systems
+    (``gs://`` ...) Beam's ``FileSystems.match`` lists them, which holds the
+    whole listing. A file that cannot be stat'ed (a broken link) is listed all
+    the same: reading it fails, and it is reported, not dropped.
+    """
+    if _is_local(root):
+        for folder, _, names in os.walk(root):
+            for name in names:
+                yield os.path.join(folder, name)
+        return
+    for metadata in FileSystems.match([FileSystems.join(root, "**")])[0].metadata_list:
+        yield metadata.path
 
 
 def item_from_path(path: str, spec: InputSpec) -> InputItem | None:

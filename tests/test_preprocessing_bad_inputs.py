@@ -55,6 +55,8 @@ REJECTED = {
     "dog/text.jpg": (lambda p: p.write_text("not a picture\n"), "not an image", "decode"),
     "dog/image.ppm": (lambda p: _save(p, _photo(11), "PPM"), "unsupported image format PPM", "decode"),
     "dog/bomb.png": (lambda p: _save(p, Image.new("L", (2000, 1500)), "PNG"), "too large", "decode"),
+    # listed, then reported (Beam's own listing would have dropped it without a word)
+    "cat/broken link.jpg": (lambda p: p.symlink_to(p.parent / "nowhere.jpg"), "file not found", "read"),
 }
 
 
