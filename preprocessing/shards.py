@@ -1,7 +1,9 @@
 """How many TFRecord shards a split gets, what they are called, and writing one.
 
 **The default rule** (``--num-shards 0``), per split, from the number of
-records ``R`` the split will hold (after deduplication):
+inputs ``R`` the split keeps after deduplication (its records, plus any kept
+file that proves not to be an image when converted: that one is rejected
+then, and its shard is a record short):
 
 * ``R == 0``: one empty shard, so every split has a file;
 * otherwise ``min(R, max(MIN_SHARDS, ceil(R * estimated record size / TARGET_SHARD_BYTES)))``.
@@ -14,7 +16,7 @@ size that object stores and ``tf.data`` read efficiently. The record size is
 estimated from the output size and format (:func:`estimated_record_bytes`:
 224x224 JPEG: about 38 KB, so 64 shards up to about 230,000 records). Records go
 to shards in sha256 order, in contiguous runs: shard sizes differ by at most
-one record, and the same input gives the same shards, byte for byte, on every
+one record (short by the inputs rejected when converted), and the same input gives the same shards, byte for byte, on every
 runner and every run. ``--num-shards N`` writes exactly N shards per split
 (some empty when the split has fewer than N records).
 

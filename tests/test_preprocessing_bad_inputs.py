@@ -60,6 +60,10 @@ REJECTED = {
 }
 
 
+# Exact copies of rejected inputs: rejected as well, with the same reason, not counted as duplicates.
+BROKEN_COPIES = {"dog/copy of text.jpg": "dog/text.jpg", "cat/copy of truncated.jpg": "cat/truncated.jpg"}
+
+
 def _orientation(value: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = value
@@ -85,6 +89,8 @@ def awkward(tmp_path_factory):
     for name, (write, _, _) in REJECTED.items():
         write(root / name)
     shutil.copy(root / "cat" / "plain_0.jpg", root / "dog" / "copy of cat plain_0.jpg")  # exact duplicate
+    for copy, original in BROKEN_COPIES.items():
+        shutil.copy(root / original, root / copy)
     (root / "empty_class").mkdir()
     (root / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden: not an input
     (root / "NOTES.txt").write_text("top-level files are not inputs")
@@ -109,9 +115,10 @@ def _records(out) -> list[dict]:
 def test_every_input_is_accounted_for(awkward):
     root, out = awkward
     totals = readback.read_stats(str(out))["totals"]
-    assert totals["found"] == _inputs(root) == len(CONVERTED) + len(REJECTED) + 12 + 1
+    assert totals["found"] == _inputs(root) == len(CONVERTED) + len(REJECTED) + len(BROKEN_COPIES) + 12 + 1
     assert totals["written"] + totals["rejected"] + totals["duplicates"] == totals["found"]
-    assert totals == {"found": totals["found"], "written": len(CONVERTED) + 12, "rejected": len(REJECTED), "duplicates": 1}
+    assert totals == {"found": totals["found"], "written": len(CONVERTED) + 12,
+                      "rejected": len(REJECTED) + len(BROKEN_COPIES), "duplicates": 1}
 
 
 @pytest.mark.parametrize("name", sorted(REJECTED))
@@ -121,6 +128,15 @@ def test_broken_input_appears_once_in_errors_with_reason_and_stage(awkward, name
     matches = [error for error in readback.read_errors(str(out)) if error["path"] == str(root / name)]
     assert len(matches) == 1
     assert reason in matches[0]["reason"] and matches[0]["stage"] == stage
+
+
+@pytest.mark.parametrize("copy", sorted(BROKEN_COPIES))
+def test_an_exact_copy_of_a_broken_input_is_rejected_too_not_counted_as_a_duplicate(awkward, copy):
+    root, out = awkward
+    errors = {error["path"]: error for error in readback.read_errors(str(out))}
+    original = errors[str(root / BROKEN_COPIES[copy])]
+    assert errors[str(root / copy)]["reason"] == original["reason"]
+    assert errors[str(root / copy)]["stage"] == original["stage"] == "decode"
 
 
 @pytest.mark.parametrize("name", sorted(CONVERTED))

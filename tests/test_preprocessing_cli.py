@@ -116,9 +116,11 @@ def test_local_runner_uses_worker_processes_and_needs_no_network(tmp_path):
     assert re.search(r"^\d\d:\d\d:\d\d INFO listed \d+ input files$", proc.stderr, re.MULTILINE), proc.stderr[-3000:]
     for noise in ("apitools not found", "Logging handler created", "INFO:"):
         assert noise not in proc.stderr, proc.stderr[-3000:]
-    # the default shard count (preprocessing.shards): a split of fewer than 64 records gets one shard per record
-    written = stats["written"]["train"]
-    assert sorted(p.name for p in out.glob("train-*")) == [f"train-{i:05d}-of-{written:05d}.tfrecord" for i in range(written)]
+    # the default shard count (preprocessing.shards): a split of fewer than 64 kept inputs gets one shard per input
+    # (a kept file that is not an image is rejected when converted, and its shard stays empty)
+    written, shards = stats["written"]["train"], len(list(out.glob("train-*")))
+    assert written <= shards <= written + stats["rejected"].get("train", 0)
+    assert sorted(p.name for p in out.glob("train-*")) == [f"train-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
     assert [len(readback.read_records(str(out), "train"))] == [written]
     assert {e["path"].rsplit("/", 1)[-1] for e in readback.read_errors(str(out))} == {
         "broken_empty.jpg", "broken_truncated.jpg", "broken_not_an_image.jpg"}
