@@ -14,7 +14,7 @@
                           one TFRecord file per shard: {split}-NNNNN-of-NNNNN.tfrecord
                           (the local multi-process runner: GroupByKey(lane), one lane per worker)
     every step's bundle report -> MergeReports -> Finish   _counts.json, labels.txt, errors.jsonl
-    listed labels + kept records per split -> Plan          side input: label ids, shards per split
+    listed labels + kept records per bucket -> plan         side input (its parts, as a list): label ids, shards
 
 Only small tuples (path, source id, label, split, sha256) cross a shuffle,
 and they cross it packed in lists (a chunk of the listing, one sha256 bucket
@@ -318,6 +318,10 @@ class KeepFirst(_Step):
 class Plan(beam.CombineFn):
     """The listed labels and the kept records per (split, bucket) -> the plan the later steps follow.
 
+    Applied by each step that needs it, to the parts as a list side input
+    (:class:`PlanOf`), not by ``CombineGlobally``: a few hundred small parts,
+    and the two stages a global combine costs the local runner (~45 ms).
+
     ``{"labels": sorted class names, "splits": {split: {"records", "shards", "offsets"}}}``:
     label ids are positions in ``labels``; ``offsets[bucket]`` is the rank (in
     sha256 order) of the split's first record in that bucket.
@@ -363,13 +367,31 @@ class Plan(beam.CombineFn):
         return {"labels": sorted(accumulator["labels"]), "splits": layout}
 
 
-def assign_shards(element, plan: dict, lanes: int = 0) -> Iterable:
+class PlanOf:
+    """The plan from its parts (a list side input), combined once per list a worker is handed."""
+
+    def __init__(self, record_bytes: int, requested: int) -> None:
+        self.combine = Plan(record_bytes, requested)
+        self._parts: list | None = None
+        self._plan: dict = {}
+
+    def __call__(self, parts: list) -> dict:
+        if parts is not self._parts:
+            accumulator = self.combine.create_accumulator()
+            for part in parts:
+                accumulator = self.combine.add_input(accumulator, part)
+            self._parts, self._plan = parts, self.combine.extract_output(accumulator)
+        return self._plan
+
+
+def assign_shards(element, parts: list, plan_of: PlanOf, lanes: int = 0) -> Iterable:
     """A bucket's kept entries -> ``((split, shard, shards), (bucket, entries))``, one run per shard it touches.
 
     With ``lanes`` (the local runner's worker count), keyed by lane instead:
     ``(lane, ((split, shard, shards), (bucket, entries)))``.
     """
     bucket, kept = element
+    plan = plan_of(parts)
     layout = plan["splits"]
     by_split: dict[str, list] = defaultdict(list)
     for entry in _unpack(kept):
@@ -394,10 +416,11 @@ def lane_of(plan: dict, split: str, shard: int, lanes: int) -> int:
 class ConvertShard(_Step):
     """One shard: decode, normalise, resize and re-encode its images, serialized ``tf.train.Example`` s in one file."""
 
-    def __init__(self, config: PreprocessConfig, out_dir: str, temp_dir: str) -> None:
+    def __init__(self, config: PreprocessConfig, out_dir: str, temp_dir: str, plan_of: PlanOf) -> None:
         super().__init__(temp_dir)
         self.config = config
         self.out_dir = out_dir
+        self.plan_of = plan_of
 
     def setup(self) -> None:
         from preprocessing.tfrecords import serialize_example  # protobuf only: workers never import TensorFlow
@@ -418,8 +441,9 @@ class ConvertShard(_Step):
             self._ids = {name: index for index, name in enumerate(labels)}
         return self._ids[label]
 
-    def process(self, element, plan: dict) -> None:
+    def process(self, element, parts: list) -> None:
         key, values = element
+        plan = self.plan_of(parts)
         if not isinstance(key, int):
             self._shard(key, values, plan)
             return
@@ -504,16 +528,18 @@ class Finish(beam.DoFn):
     gives some), and removes the temporary folder.
     """
 
-    def __init__(self, out_dir: str, temp_dir: str) -> None:
+    def __init__(self, out_dir: str, temp_dir: str, plan_of: PlanOf) -> None:
         self.out_dir = out_dir
         self.temp_dir = temp_dir
+        self.plan_of = plan_of
 
     def _write(self, name: str, data: bytes) -> None:
         with FileSystems.create(FileSystems.join(self.out_dir, name),
                                 compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             handle.write(data)
 
-    def process(self, report: dict, plan: dict) -> None:
+    def process(self, report: dict, parts: list) -> None:
+        plan = self.plan_of(parts)
         labels, layout = plan["labels"], plan["splits"]
         sizes = stats.SizeSummary().extract_output(report["sizes"])
         self._write(stats.COUNTS_FILE, (stats.counts_json(report["counts"], sizes) + "\n").encode("utf-8"))
@@ -556,26 +582,22 @@ def build(pipeline: beam.Pipeline, config: PreprocessConfig, spec: InputSpec, ou
         | "GroupBySha256" >> beam.GroupByKey()
         | "KeepFirstOfDuplicates" >> beam.ParDo(KeepFirst(temp_dir)).with_outputs(REPORT, PLAN, main="kept")
     )
-    # Every listing bundle and every bucket adds to the plan, and every step's bundle reports: the two combines
-    # always have input, so they need no default value (Beam would run two more stages to provide one).
-    plan = beam.pvalue.AsSingleton(
-        (listed[PLAN], kept[PLAN])
-        | "PlanInputs" >> beam.Flatten()
-        | "Plan" >> beam.CombineGlobally(
-            Plan(shards.estimated_record_bytes(config.image_size, config.image_format), config.num_shards))
-        .without_defaults()
-    )
+    plan_parts = beam.pvalue.AsList((listed[PLAN], kept[PLAN]) | "PlanParts" >> beam.Flatten())
+    plan_of = PlanOf(shards.estimated_record_bytes(config.image_size, config.image_format), config.num_shards)
     converted = (
         kept.kept
-        | "AssignShards" >> beam.FlatMap(assign_shards, plan, lanes)
+        | "AssignShards" >> beam.FlatMap(assign_shards, plan_parts, plan_of, lanes)
         | "GroupByShard" >> beam.GroupByKey()
-        | "ConvertShard" >> beam.ParDo(ConvertShard(config, out_dir, temp_dir), plan=plan).with_outputs(REPORT)
+        | "ConvertShard" >> beam.ParDo(ConvertShard(config, out_dir, temp_dir, plan_of), plan_parts)
+        .with_outputs(REPORT)
     )
+    # Every step's bundle reports: the combine always has input, so it needs no default value (Beam would run
+    # two more stages to provide one).
     _ = (
         (listed[REPORT], hashed[REPORT], kept[REPORT], converted[REPORT])
         | "AllReports" >> beam.Flatten()
         | "MergeReports" >> beam.CombineGlobally(stats.MergeReports()).without_defaults()
-        | "Finish" >> beam.ParDo(Finish(out_dir, temp_dir), plan=plan)
+        | "Finish" >> beam.ParDo(Finish(out_dir, temp_dir, plan_of), plan_parts)
     )
 
 
