@@ -6,7 +6,7 @@
       -> ListInputs       the folder's files (streamed, in one worker) or the manifest's rows as InputItems,
                           in chunks of CHUNK_FILES; wrongly placed inputs rejected
       -> Reshuffle        spread the chunks over all workers
-      -> ReadAndHash      read bytes, sha256, header check, split from sha256 when not given;
+      -> ReadAndHash      read bytes, sha256 (empty files rejected), split from sha256 when not given;
                           entries handed on per sha256 bucket (BUCKETS), a few lists per bundle
       -> GroupByKey(bucket) -> KeepFirst     exact duplicates written once; kept entries per split
       -> AssignShards     shard of each record: contiguous runs in sha256 order (preprocessing.shards)
