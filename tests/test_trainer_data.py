@@ -151,6 +151,21 @@ def test_a_missing_shard_is_named_before_training(tfrecord_data, tmp_path):
         data_info.inspect_data(str(copy))
 
 
+def test_a_shard_left_empty_by_an_input_rejected_when_converted_is_accepted(tmp_path):
+    """Preprocessing picks shard counts from the kept inputs; one that proves not to be an image leaves its shard empty."""
+    from preprocessing.config import PreprocessConfig
+    from preprocessing.job import run
+    from preprocessing.sample_data import SampleSpec, generate
+
+    generate(str(tmp_path / "images"), SampleSpec(per_class=4, seed=1))  # with a truncated and a non-image file
+    stats = run(PreprocessConfig(input=str(tmp_path / "images"), output=str(tmp_path / "data"), image_size=(16, 16),
+                                 progress_seconds=0), ["--direct_num_workers=1", "--direct_running_mode=in_memory"])
+    empty = [name for split in stats["shards"].values() for name, size in split.items() if size == 0]
+    assert empty and stats["totals"]["rejected"] == 3
+    info = data_info.inspect_data(str(tmp_path / "data"))
+    assert {split: sum(per_class) for split, per_class in info.counts.items()} == stats["written"]
+
+
 def test_workers_read_disjoint_shards_that_cover_the_split(tmp_path):
     data = write_tfrecord_data(tmp_path / "data", shards=3)
     info = data_info.inspect_data(str(data))

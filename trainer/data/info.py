@@ -145,7 +145,7 @@ def _counts_from_stats(data_dir: str, labels: list[str], shards: dict[str, list[
         for path, name in zip(files, names):
             size = tf.io.gfile.stat(path).length
             recorded = sizes.get(split, {}).get(name)
-            if (recorded is not None and size != int(recorded)) or (not size and sum(counts[split])):
+            if (recorded is not None and size != int(recorded)) or (recorded is None and not size and sum(counts[split])):
                 said = f"stats.json says {int(recorded):,}" if recorded is not None else "stats.json counts records"
                 raise UserError(f"--data {data_dir}: {split} shard {name} holds {size:,} bytes but {said} "
                                 "(truncated or rewritten); re-run preprocessing")
