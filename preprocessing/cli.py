@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "min(R, max(64, R x estimated record size / 128 MiB)), one empty shard when R is 0, so "
                              "a split of 64+ records always has 64+ shards (4 or more for each of 16 trainer workers) "
                              "and no shard is much over 128 MiB; N writes exactly N per split (empty ones when a split "
-                             "has fewer records). Records go to shards in sha256 order, sizes within one record (less any "
-                             "input rejected when converted)")
+                             "has fewer records). Records go to shards in sha256 order, sizes within one record "
+                             "(less any input rejected when converted)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--progress-seconds", type=float, default=_DEFAULTS.progress_seconds, metavar="S",
                         help="seconds between progress lines; 0 turns them off (default %(default)s)")

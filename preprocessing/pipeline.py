@@ -90,7 +90,7 @@ _log = logging.getLogger("preprocessing")
 # and cross a shuffle packed, a list of them as one compressed bytes value (_pack): the local runner holds
 # what a shuffle buffers as decoded Python values, and one bytes object of ~40 bytes per entry is far less
 # than a tuple of strings (~400 bytes).
-_DIGEST, _PATH, _SOURCE_ID, _LABEL, _SPLIT, _DUPLICATES = range(6)
+_DIGEST, _PATH, _SOURCE_ID, _LABEL, _SPLIT = range(5)
 
 
 def _pack(entries: list) -> bytes:
@@ -177,11 +177,8 @@ class ListInputs(_Step):
         self.labels: set[str] = set()
 
     def process(self, element) -> Iterable:
-        if self.spec.layout == sources.MANIFEST:
-            yield from self._one(element)
-            return
-        for path in sources.list_files(element):
-            yield from self._one(path)
+        for one in [element] if self.spec.layout == sources.MANIFEST else sources.list_files(element):
+            yield from self._one(one)
 
     def _one(self, element: str) -> Iterable:
         """One listed file's path, or one manifest line."""
@@ -470,9 +467,9 @@ class ConvertShard(_Step):
             raise
         self.written.append(name)
 
-    def _reject(self, entry: tuple, reason: str, stage: str) -> None:
+    def _reject(self, path: str, label: str, split: str, reason: str, stage: str) -> None:
         self.progress.add(rejected=True)
-        self.reject(entry[_PATH], reason, stage, entry[_SPLIT], entry[_LABEL])
+        self.reject(path, reason, stage, split, label)
 
     def _record(self, entry: tuple, labels: list[str]) -> bytes | None:
         digest, path, source_id, label, split, duplicates = entry
@@ -480,23 +477,23 @@ class ConvertShard(_Step):
         try:
             data = read_bytes(path)
         except images.Rejected as error:
-            self._reject(entry, str(error), "read")
+            self._reject(path, label, split, str(error), "read")
             return None
         if hashlib.sha256(data).digest() != digest:
-            self._reject(entry, "file changed while the job ran (sha256 differs from the first read)", "read")
+            changed = "file changed while the job ran (sha256 differs from the first read)"
+            self._reject(path, label, split, changed, "read")
             return None
         try:
             converted = images.convert(
                 data, config.image_size, config.resize_mode, config.image_format, config.jpeg_quality, config.max_pixels
             )
         except images.Rejected as error:
-            self._reject(entry, str(error), "decode")
+            self._reject(path, label, split, str(error), "decode")
             for duplicate_path, duplicate_label, duplicate_split in duplicates:  # the same bytes: not images either
                 self.tally.count("duplicates", duplicate_split, duplicate_label, -1)
                 if duplicate_label != label:
                     self.tally.add("duplicate_label_conflicts", -1)
-                self.progress.add(rejected=True)
-                self.reject(duplicate_path, str(error), "decode", duplicate_split, duplicate_label)
+                self._reject(duplicate_path, duplicate_label, duplicate_split, str(error), "decode")
             return None
         record = self.serialize(
             encoded=converted.encoded,

@@ -111,9 +111,9 @@ def choose_runner(beam_args: list[str]) -> RunnerChoice:
     if direct.direct_running_mode == "multi_processing":
         worker.make_package_importable()
     description = f"FnApiRunner ({direct.direct_running_mode}, {direct.direct_num_workers} workers)"
-    lanes = direct.direct_num_workers if direct.direct_running_mode == "multi_processing" else 0
+    several = direct.direct_running_mode == "multi_processing" and direct.direct_num_workers > 1
     return RunnerChoice(runner=_fn_api_runner(options), options=options, description=description, local=True,
-                        lanes=lanes if lanes > 1 else 0)
+                        lanes=direct.direct_num_workers if several else 0)
 
 
 def _fn_api_runner(options: PipelineOptions):

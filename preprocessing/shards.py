@@ -16,8 +16,8 @@ size that object stores and ``tf.data`` read efficiently. The record size is
 estimated from the output size and format (:func:`estimated_record_bytes`:
 224x224 JPEG: about 38 KB, so 64 shards up to about 230,000 records). Records go
 to shards in sha256 order, in contiguous runs: shard sizes differ by at most
-one record (short by the inputs rejected when converted), and the same input gives the same shards, byte for byte, on every
-runner and every run. ``--num-shards N`` writes exactly N shards per split
+one record (less the inputs rejected when converted), and the same input gives
+the same shards, byte for byte, on every runner and every run. ``--num-shards N`` writes exactly N shards per split
 (some empty when the split has fewer than N records).
 
 Shard files are ``{split}-NNNNN-of-NNNNN.tfrecord``

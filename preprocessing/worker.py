@@ -200,12 +200,7 @@ def import_beam_lean() -> bool:
     """
     if "apache_beam" in sys.modules or any(name in sys.modules for name in UNUSED_BY_BEAM_JOBS):
         return False
-    from importlib import metadata
-
-    try:
-        if metadata.version("apache-beam") != BEAM_VERSION:
-            return False
-    except metadata.PackageNotFoundError:
+    if not pinned_beam():
         return False
     for name in UNUSED_BY_BEAM_JOBS:
         sys.modules[name] = None  # type: ignore[assignment]  # the import system's "not importable" mark
@@ -225,6 +220,16 @@ LOCAL_RUNNER_NAMES = ("", "directrunner", "direct", "fnapirunner")  # --runner v
 _READY, _TAKEN, _SOCKET = ".ready", ".taken", ".sock"
 FOLDER_PREFIX = "preprocessing-workers-"  # then <host>~<pid>- (preprocessing.owners): a killed driver's is removed
 _standby = None
+
+
+def pinned_beam() -> bool:
+    """Whether the installed apache-beam is the one the hooks into its internals here were written for."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("apache-beam") == BEAM_VERSION
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def available_cores() -> int:
@@ -374,14 +379,8 @@ def start_standby(count: int, fork: bool = False) -> None:
         return
     if fork:  # the program's own process, the one that holds what crosses the local runner's shuffles
         tune_memory(driver=True)
-    from importlib import metadata
-
-    try:
-        if metadata.version("apache-beam") != BEAM_VERSION:
-            return
-    except metadata.PackageNotFoundError:
-        return
-    _standby = Standby(count, fork)
+    if pinned_beam():
+        _standby = Standby(count, fork)
 
 
 def standby_command() -> str | None:
