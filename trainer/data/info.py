@@ -66,7 +66,7 @@ def inspect_data(data_dir: str, validation_fraction: float = 0.2) -> DataInfo:
     if not shards["train"]:
         raise UserError(f"--data {data_dir}: no train shards ({tfrecords.shard_pattern('train')})")
     stats = _read_stats(data_dir)
-    options = dict((stats or {}).get("options") or {})
+    options = _options(stats)
     size = options.get("image_size")
     record_size = (int(size[0]), int(size[1])) if size else None
     resize_mode = options.get("resize_mode") or "stretch"
@@ -145,7 +145,8 @@ def _counts_from_stats(data_dir: str, labels: list[str], shards: dict[str, list[
         for path, name in zip(files, names):
             size = tf.io.gfile.stat(path).length
             recorded = sizes.get(split, {}).get(name)
-            if (recorded is not None and size != int(recorded)) or (recorded is None and not size and sum(counts[split])):
+            unrecorded_empty = recorded is None and not size and sum(counts[split])  # a folder from before `shards`
+            if (recorded is not None and size != int(recorded)) or unrecorded_empty:
                 said = f"stats.json says {int(recorded):,}" if recorded is not None else "stats.json counts records"
                 raise UserError(f"--data {data_dir}: {split} shard {name} holds {size:,} bytes but {said} "
                                 "(truncated or rewritten); re-run preprocessing")
@@ -214,7 +215,11 @@ def corrupt_data_error(data_dir: str, shards: dict[str, list[str]]) -> UserError
 
 def read_options(data_dir: str) -> dict:
     """The preprocessing options recorded in ``DATA/stats.json`` (empty without one)."""
-    return dict((_read_stats(data_dir) or {}).get("options") or {})
+    return _options(_read_stats(data_dir))
+
+
+def _options(stats: dict | None) -> dict:
+    return dict((stats or {}).get("options") or {})
 
 
 def _read_stats(data_dir: str) -> dict | None:
