@@ -23,6 +23,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 
+from preprocessing.splits import UNASSIGNED
 from preprocessing.tfrecords import CARVE_BINS, CARVE_BUCKETS, CARVE_METHOD, SPLITS, carve_bucket
 
 NAMESPACE = "preprocessing"
@@ -315,6 +316,10 @@ def summary_lines(stats: dict) -> list[str]:
             f"  {split:<10} {stats['written'].get(split, 0):>8,} written  {stats['rejected'].get(split, 0):>6,} rejected"
             f"  {stats['duplicates'].get(split, 0):>6,} duplicates"
         )
+    unplaced = stats["rejected"].get(UNASSIGNED, 0)
+    if unplaced:  # so that the rows add up to the totals
+        lines.append(f"  {'no split':<10} {0:>8,} written  {unplaced:>6,} rejected  {0:>6,} duplicates"
+                     "  (unreadable or empty before a split was chosen)")
     lines.append(f"  classes ({len(stats['labels'])}): {', '.join(stats['labels'])}")
     if totals["rejected"]:
         lines.append(f"  {totals['rejected']:,} rejected inputs are listed with their reasons in {stats['errors_file']}")

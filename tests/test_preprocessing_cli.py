@@ -81,6 +81,19 @@ def test_input_with_only_broken_files_fails_and_leaves_no_output(tmp_path, capsy
     assert sorted(os.listdir(tmp_path)) == ["in"]  # no output, no staging folder left behind
 
 
+def test_the_summary_rows_add_up_to_the_totals_with_inputs_rejected_before_a_split(tmp_path, caplog):
+    """An empty file in a class folder is rejected before its sha256 (and so its split) is known."""
+    root = _two_classes(tmp_path / "in")
+    (root / "hat" / "empty.jpg").write_bytes(b"")
+    with caplog.at_level("INFO", logger="preprocessing"):
+        assert main(["--input", str(root), "--output", str(tmp_path / "d"), "--image-size", "8", *IN_PROCESS]) == 0
+    rows = [re.match(r"\s+(\w[\w ]*?)\s+(\d+) written\s+(\d+) rejected\s+(\d+) duplicates", r.getMessage())
+            for r in caplog.records]
+    rows = {row[1]: [int(n) for n in row.groups()[1:]] for row in rows if row}
+    assert rows["no split"] == [0, 1, 0]
+    assert [sum(column) for column in zip(*rows.values())] == [6, 1, 0]
+
+
 def test_existing_output_is_refused_and_replaced_with_overwrite(tmp_path, capsys):
     root = _two_classes(tmp_path / "in")
     out = tmp_path / "d"
