@@ -105,9 +105,10 @@ class MistakeCollector:
         tf.io.gfile.makedirs(out_dir)
         csv_path = os.path.join(out_dir, MISTAKES_CSV)
         staging.write_text(csv_path, self.csv_text())
-        shown = sum(len(cells) for _, cells in self.gallery_rows())
+        rows = self.gallery_rows()
+        shown = sum(len(cells) for _, cells in rows)
         title = (f"The most confident mistakes: {shown} of {self.count} misclassified (of {self.examined} images)\n"
                  "by confusion (true -> predicted), the most frequent first; caption: predicted class, its score")
-        png_path = plot_gallery(self.gallery_rows(), os.path.join(out_dir, MISTAKES_PNG), title=title,
+        png_path = plot_gallery(rows, os.path.join(out_dir, MISTAKES_PNG), title=title,
                                 empty=f"no misclassified images (of {self.examined})")
         return {"count": self.count, "examined": self.examined, "csv": csv_path, "png": png_path}
